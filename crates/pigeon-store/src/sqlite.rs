@@ -1,0 +1,781 @@
+//! The embedded SQLite backend: one writer thread with group commit, a pool of readers.
+//!
+//! Every write is a job sent to the writer thread. The writer takes all jobs waiting,
+//! runs each in its own savepoint inside one transaction, writes per-thread metadata once,
+//! commits (fsync, `synchronous=FULL`), and only then answers the jobs. Per-thread `seq`s
+//! and member lists are cached in the writer and reloaded from the database on a miss,
+//! so a send touches the messages table and nothing else per message.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use deadpool_sqlite::{Pool, Runtime};
+use pigeon_proto::{
+    DeviceId, MarkKind, Message, MessageId, MessageKind, ThreadId, ThreadKind, ThreadSummary,
+    UserId, UserRef,
+};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    Appended, Device, MarkerUpdate, Membership, NewMessage, PageFrom, Result, SeqRange, Store,
+    StoreError, User,
+};
+
+mod embedded {
+    refinery::embed_migrations!("migrations/sqlite");
+}
+
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 2048;
+/// Jobs that may wait for the writer before senders are slowed down.
+const QUEUE_CAPACITY: usize = 16 * 1024;
+
+/// Settings of the SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteConfig {
+    /// The database file; created with its folder if missing.
+    pub path: PathBuf,
+    /// Reader connections in the pool.
+    pub readers: usize,
+}
+
+impl SqliteConfig {
+    /// Uses `pigeon.db` inside `data_dir`.
+    pub fn in_dir(data_dir: &Path) -> Self {
+        Self { path: data_dir.join("pigeon.db"), readers: 4 }
+    }
+}
+
+/// The embedded store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Command>,
+    readers: Pool,
+}
+
+/// A unit of work for the writer: runs inside a savepoint and returns whether it succeeded
+/// (else its savepoint is rolled back) and what to do once the transaction's fate is known.
+type Job = Box<dyn FnOnce(&Connection, &mut WriterState) -> (bool, Completion) + Send>;
+type Completion = Box<dyn FnOnce(Result<()>) + Send>;
+
+enum Command {
+    Job(Job),
+    Close(oneshot::Sender<()>),
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database, runs migrations and starts the writer thread.
+    pub fn open(config: &SqliteConfig) -> Result<Self> {
+        if let Some(dir) = config.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(format!("create {}: {e}", dir.display())))?;
+        }
+        let mut conn = Connection::open(&config.path).map_err(map_err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = ON;
+             PRAGMA cache_size = -65536;
+             PRAGMA temp_store = MEMORY;",
+        )
+        .map_err(map_err)?;
+        embedded::migrations::runner()
+            .run(&mut conn)
+            .map_err(|e| StoreError::Internal(format!("migrations: {e}")))?;
+
+        let readers = deadpool_sqlite::Config::new(&config.path)
+            .builder(Runtime::Tokio1)
+            .map_err(|e| StoreError::Internal(e.to_string()))?
+            .max_size(config.readers.max(1))
+            .build()
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+
+        let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
+        std::thread::Builder::new()
+            .name("pigeon-sqlite-writer".into())
+            .spawn(move || run_writer(conn, jobs_rx))
+            .map_err(|e| StoreError::Internal(format!("spawn writer: {e}")))?;
+        Ok(Self { jobs: jobs_tx, readers })
+    }
+
+    /// Runs `work` on the writer thread inside the next transaction; resolves after commit.
+    async fn write<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut WriterState) -> Result<T> + Send + 'static,
+    {
+        let (done_tx, done_rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn, state| {
+            let result = work(conn, state);
+            let ok = result.is_ok();
+            let completion: Completion = Box::new(move |committed: Result<()>| {
+                let _ = done_tx.send(committed.and(result));
+            });
+            (ok, completion)
+        });
+        self.jobs
+            .send(Command::Job(job))
+            .await
+            .map_err(|_| StoreError::Unavailable("store is closed".into()))?;
+        done_rx
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+
+    /// Runs `work` on a pooled reader connection.
+    async fn read<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let conn = self
+            .readers
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("reader pool: {e}")))?;
+        conn.interact(move |conn| work(conn))
+            .await
+            .map_err(|e| StoreError::Internal(format!("reader task: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_user(&self, username: &str, password_hash: &str) -> Result<User> {
+        let user = User {
+            id: UserId::new(),
+            username: username.to_owned(),
+            password_hash: password_hash.to_owned(),
+            created_at: now_ms(),
+            last_seen_at: None,
+        };
+        self.write(move |conn, _| {
+            conn.prepare_cached(
+                "INSERT INTO users (id, username, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![user.id.as_bytes(), user.username, user.password_hash, user.created_at])?;
+            Ok(user)
+        })
+        .await
+    }
+
+    async fn get_user(&self, id: UserId) -> Result<Option<User>> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT id, username, password_hash, created_at, last_seen_at FROM users WHERE id = ?1",
+                )?
+                .query_row([id.as_bytes()], user_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn get_user_by_username(&self, username: &str) -> Result<Option<User>> {
+        let username = username.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT id, username, password_hash, created_at, last_seen_at FROM users WHERE username = ?1",
+                )?
+                .query_row([username], user_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn set_last_seen(&self, user_id: UserId, at: i64) -> Result<()> {
+        self.write(move |conn, _| {
+            conn.prepare_cached("UPDATE users SET last_seen_at = ?2 WHERE id = ?1")?
+                .execute(params![user_id.as_bytes(), at])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn create_device(&self, user_id: UserId, name: &str, token_hash: [u8; 32]) -> Result<Device> {
+        let device = Device {
+            id: DeviceId::new(),
+            user_id,
+            name: name.to_owned(),
+            created_at: now_ms(),
+            last_seen_at: None,
+        };
+        self.write(move |conn, _| {
+            conn.prepare_cached(
+                "INSERT INTO devices (id, user_id, name, token_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                device.id.as_bytes(),
+                user_id.as_bytes(),
+                device.name,
+                &token_hash[..],
+                device.created_at
+            ])?;
+            Ok(device)
+        })
+        .await
+    }
+
+    async fn get_device_by_token(&self, token_hash: [u8; 32]) -> Result<Option<(Device, User)>> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT d.id, d.user_id, d.name, d.created_at, d.last_seen_at,
+                            u.id, u.username, u.password_hash, u.created_at, u.last_seen_at
+                     FROM devices d JOIN users u ON u.id = d.user_id
+                     WHERE d.token_hash = ?1",
+                )?
+                .query_row([&token_hash[..]], |row| {
+                    let device = device_from_row(row)?;
+                    let user = User {
+                        id: UserId::from_bytes(row.get(5)?),
+                        username: row.get(6)?,
+                        password_hash: row.get(7)?,
+                        created_at: row.get(8)?,
+                        last_seen_at: row.get(9)?,
+                    };
+                    Ok((device, user))
+                })
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn list_devices(&self, user_id: UserId) -> Result<Vec<Device>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, user_id, name, created_at, last_seen_at FROM devices
+                 WHERE user_id = ?1 ORDER BY created_at, id",
+            )?;
+            let rows = stmt.query_map([user_id.as_bytes()], device_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn delete_device(&self, user_id: UserId, device_id: DeviceId) -> Result<bool> {
+        self.write(move |conn, _| {
+            let n = conn
+                .prepare_cached("DELETE FROM devices WHERE id = ?1 AND user_id = ?2")?
+                .execute(params![device_id.as_bytes(), user_id.as_bytes()])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn touch_device(&self, device_id: DeviceId, at: i64) -> Result<()> {
+        self.write(move |conn, _| {
+            conn.prepare_cached("UPDATE devices SET last_seen_at = ?2 WHERE id = ?1")?
+                .execute(params![device_id.as_bytes(), at])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_or_create_direct_thread(&self, a: UserId, b: UserId) -> Result<ThreadId> {
+        let (low, high) = if a <= b { (a, b) } else { (b, a) };
+        let mut pair_key = [0u8; 32];
+        pair_key[..16].copy_from_slice(low.as_bytes());
+        pair_key[16..].copy_from_slice(high.as_bytes());
+        self.write(move |conn, _| {
+            let existing: Option<[u8; 16]> = conn
+                .prepare_cached("SELECT id FROM threads WHERE pair_key = ?1")?
+                .query_row([&pair_key[..]], |row| row.get(0))
+                .optional()?;
+            if let Some(id) = existing {
+                return Ok(ThreadId::from_bytes(id));
+            }
+            let id = ThreadId::new();
+            let now = now_ms();
+            conn.prepare_cached(
+                "INSERT INTO threads (id, kind, pair_key, created_at, updated_at) VALUES (?1, 'direct', ?2, ?3, ?3)",
+            )?
+            .execute(params![id.as_bytes(), &pair_key[..], now])?;
+            let mut add = conn.prepare_cached(
+                "INSERT INTO members (thread_id, user_id, joined_at) VALUES (?1, ?2, ?3)",
+            )?;
+            for user in if low == high { vec![low] } else { vec![low, high] } {
+                add.execute(params![id.as_bytes(), user.as_bytes(), now])?;
+            }
+            Ok(id)
+        })
+        .await
+    }
+
+    async fn get_membership(&self, thread_id: ThreadId, user_id: UserId) -> Result<Membership> {
+        self.read(move |conn| read_membership(conn, thread_id, user_id)).await
+    }
+
+    async fn list_thread_peers(&self, user_id: UserId) -> Result<Vec<UserId>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT DISTINCT p.user_id FROM members m
+                 JOIN members p ON p.thread_id = m.thread_id AND p.user_id != m.user_id
+                 WHERE m.user_id = ?1",
+            )?;
+            let rows = stmt.query_map([user_id.as_bytes()], |row| Ok(UserId::from_bytes(row.get(0)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn append_message(&self, msg: NewMessage) -> Result<Appended> {
+        self.write(move |conn, state| append(conn, state, msg)).await
+    }
+
+    async fn list_messages(
+        &self,
+        thread_id: ThreadId,
+        range: SeqRange,
+        from: PageFrom,
+        limit: u32,
+    ) -> Result<Vec<Message>> {
+        self.read(move |conn| {
+            let sql = match from {
+                PageFrom::Oldest => {
+                    "SELECT id, thread_id, seq, sender_id, sender_device_id, client_msg_id, kind, body, created_at
+                     FROM messages WHERE thread_id = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq ASC LIMIT ?4"
+                }
+                PageFrom::Newest => {
+                    "SELECT id, thread_id, seq, sender_id, sender_device_id, client_msg_id, kind, body, created_at
+                     FROM messages WHERE thread_id = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
+                }
+            };
+            let mut stmt = conn.prepare_cached(sql)?;
+            let rows = stmt.query_map(
+                params![thread_id.as_bytes(), to_i64(range.after), to_i64(range.before), limit],
+                message_from_row,
+            )?;
+            let mut messages = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            if from == PageFrom::Newest {
+                messages.reverse();
+            }
+            Ok(messages)
+        })
+        .await
+    }
+
+    async fn set_marker(&self, thread_id: ThreadId, user_id: UserId, kind: MarkKind, seq: u64) -> Result<MarkerUpdate> {
+        self.write(move |conn, state| {
+            let thread = state.thread(conn, thread_id)?;
+            if !thread.members.contains(&user_id) {
+                return Err(StoreError::NotMember);
+            }
+            let members = thread.members.clone();
+            let seq = seq.min(thread.last_seq);
+            // A send earlier in this batch may have moved the read marker without writing it yet.
+            let pending = state.read_markers.get(&(thread_id, user_id)).copied().unwrap_or(0);
+            let (read, delivered): (i64, i64) = conn
+                .prepare_cached(
+                    "SELECT last_read_seq, last_delivered_seq FROM members WHERE thread_id = ?1 AND user_id = ?2",
+                )?
+                .query_row(params![thread_id.as_bytes(), user_id.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            let current = pending.max(to_u64(match kind {
+                MarkKind::Read => read,
+                MarkKind::Delivered => delivered,
+            }));
+            if seq <= current {
+                return Ok(MarkerUpdate { seq: current, changed: false, members });
+            }
+            let sql = match kind {
+                MarkKind::Read => {
+                    "UPDATE members SET last_read_seq = ?3, last_delivered_seq = max(last_delivered_seq, ?3)
+                     WHERE thread_id = ?1 AND user_id = ?2"
+                }
+                MarkKind::Delivered => {
+                    "UPDATE members SET last_delivered_seq = ?3 WHERE thread_id = ?1 AND user_id = ?2"
+                }
+            };
+            conn.prepare_cached(sql)?
+                .execute(params![thread_id.as_bytes(), user_id.as_bytes(), to_i64(seq)])?;
+            Ok(MarkerUpdate { seq, changed: true, members })
+        })
+        .await
+    }
+
+    async fn list_threads(&self, user_id: UserId) -> Result<Vec<ThreadSummary>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT t.id, t.kind, t.last_seq, t.updated_at,
+                        m.last_read_seq, m.last_delivered_seq, m.muted,
+                        p.user_id, u.username, p.last_read_seq, p.last_delivered_seq,
+                        msg.id, msg.thread_id, msg.seq, msg.sender_id, msg.sender_device_id,
+                        msg.client_msg_id, msg.kind, msg.body, msg.created_at
+                 FROM members m
+                 JOIN threads t ON t.id = m.thread_id
+                 LEFT JOIN members p ON t.kind = 'direct' AND p.thread_id = t.id AND p.user_id != m.user_id
+                 LEFT JOIN users u ON u.id = p.user_id
+                 LEFT JOIN messages msg ON msg.thread_id = t.id AND msg.seq = t.last_seq
+                 WHERE m.user_id = ?1
+                 ORDER BY t.updated_at DESC, t.id",
+            )?;
+            let rows = stmt.query_map([user_id.as_bytes()], |row| {
+                let last_seq = to_u64(row.get(2)?);
+                let read_seq = to_u64(row.get(4)?);
+                let peer = match row.get::<_, Option<[u8; 16]>>(7)? {
+                    Some(id) => Some(UserRef { user_id: UserId::from_bytes(id), username: row.get(8)? }),
+                    None => None,
+                };
+                let last_message = match row.get::<_, Option<[u8; 16]>>(11)? {
+                    Some(_) => Some(message_from_row_at(row, 11)?),
+                    None => None,
+                };
+                Ok(ThreadSummary {
+                    thread_id: ThreadId::from_bytes(row.get(0)?),
+                    kind: thread_kind(&row.get::<_, String>(1)?),
+                    peer_read_seq: peer.as_ref().map(|_| row.get::<_, i64>(9)).transpose()?.map(to_u64),
+                    peer_delivered_seq: peer.as_ref().map(|_| row.get::<_, i64>(10)).transpose()?.map(to_u64),
+                    peer,
+                    last_seq,
+                    last_message,
+                    unread: last_seq.saturating_sub(read_seq),
+                    muted: row.get(6)?,
+                    read_seq,
+                    delivered_seq: to_u64(row.get(5)?),
+                    updated_at: row.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.jobs.send(Command::Close(done_tx)).await.is_ok() {
+            let _ = done_rx.await;
+        }
+        self.readers.close();
+    }
+}
+
+/// What the writer keeps between jobs: per-thread heads, and metadata to write once per batch.
+#[derive(Default)]
+struct WriterState {
+    threads: HashMap<ThreadId, CachedThread>,
+    /// Threads whose `last_seq` / `updated_at` changed in this batch.
+    dirty_threads: HashSet<ThreadId>,
+    /// Senders' read markers to move in this batch: (thread, user) → seq.
+    read_markers: HashMap<(ThreadId, UserId), u64>,
+}
+
+#[derive(Clone)]
+struct CachedThread {
+    last_seq: u64,
+    updated_at: i64,
+    members: Arc<[UserId]>,
+}
+
+impl WriterState {
+    /// Returns the thread's cached head, loading it on a miss.
+    fn thread(&mut self, conn: &Connection, thread_id: ThreadId) -> Result<&mut CachedThread> {
+        match self.threads.entry(thread_id) {
+            Entry::Occupied(entry) => Ok(entry.into_mut()),
+            Entry::Vacant(entry) => {
+                let head: Option<(i64, i64)> = conn
+                    .prepare_cached("SELECT last_seq, updated_at FROM threads WHERE id = ?1")?
+                    .query_row([thread_id.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()?;
+                let (last_seq, updated_at) = head.ok_or(StoreError::ThreadNotFound)?;
+                let mut stmt = conn.prepare_cached("SELECT user_id FROM members WHERE thread_id = ?1")?;
+                let members = stmt
+                    .query_map([thread_id.as_bytes()], |row| Ok(UserId::from_bytes(row.get(0)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(entry.insert(CachedThread { last_seq: to_u64(last_seq), updated_at, members: members.into() }))
+            }
+        }
+    }
+
+    fn flush_read_markers(&mut self, conn: &Connection) -> Result<()> {
+        if self.read_markers.is_empty() {
+            return Ok(());
+        }
+        let mut stmt = conn.prepare_cached(
+            "UPDATE members SET last_read_seq = max(last_read_seq, ?3), last_delivered_seq = max(last_delivered_seq, ?3)
+             WHERE thread_id = ?1 AND user_id = ?2",
+        )?;
+        for ((thread_id, user_id), seq) in self.read_markers.drain() {
+            stmt.execute(params![thread_id.as_bytes(), user_id.as_bytes(), to_i64(seq)])?;
+        }
+        Ok(())
+    }
+
+    /// Writes the batch's thread heads and markers; called once per transaction.
+    fn flush(&mut self, conn: &Connection) -> Result<()> {
+        self.flush_read_markers(conn)?;
+        let mut stmt = conn.prepare_cached("UPDATE threads SET last_seq = ?2, updated_at = ?3 WHERE id = ?1")?;
+        for thread_id in self.dirty_threads.drain() {
+            let head = &self.threads[&thread_id];
+            stmt.execute(params![thread_id.as_bytes(), to_i64(head.last_seq), head.updated_at])?;
+        }
+        Ok(())
+    }
+
+    /// Forgets everything not known to be committed (after a failed transaction).
+    fn reset(&mut self) {
+        self.threads.clear();
+        self.dirty_threads.clear();
+        self.read_markers.clear();
+    }
+}
+
+fn append(conn: &Connection, state: &mut WriterState, msg: NewMessage) -> Result<Appended> {
+    let thread = state.thread(conn, msg.thread_id)?;
+    if !thread.members.contains(&msg.sender_id) {
+        return Err(StoreError::NotMember);
+    }
+    let members = thread.members.clone();
+    let next_seq = thread.last_seq + 1;
+
+    let existing = conn
+        .prepare_cached(
+            "SELECT id, thread_id, seq, sender_id, sender_device_id, client_msg_id, kind, body, created_at
+             FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2",
+        )?
+        .query_row(params![msg.sender_id.as_bytes(), msg.client_msg_id], message_from_row)
+        .optional()?;
+    if let Some(message) = existing {
+        let members = if message.thread_id == msg.thread_id {
+            members
+        } else {
+            state.thread(conn, message.thread_id)?.members.clone()
+        };
+        return Ok(Appended { message, duplicate: true, members });
+    }
+
+    let message = Message {
+        thread_id: msg.thread_id,
+        seq: next_seq,
+        message_id: MessageId::new(),
+        sender_id: msg.sender_id,
+        sender_device_id: msg.sender_device_id,
+        client_msg_id: msg.client_msg_id,
+        kind: msg.kind,
+        body: msg.body,
+        created_at: now_ms(),
+    };
+    conn.prepare_cached(
+        "INSERT INTO messages (id, thread_id, seq, sender_id, sender_device_id, client_msg_id, kind, body, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        message.message_id.as_bytes(),
+        message.thread_id.as_bytes(),
+        to_i64(message.seq),
+        message.sender_id.as_bytes(),
+        message.sender_device_id.as_bytes(),
+        message.client_msg_id,
+        message_kind_str(message.kind),
+        message.body,
+        message.created_at,
+    ])?;
+
+    // Only now that every statement succeeded does the job touch the cache.
+    let thread = state.threads.get_mut(&msg.thread_id).expect("loaded above");
+    thread.last_seq = next_seq;
+    thread.updated_at = message.created_at;
+    state.dirty_threads.insert(msg.thread_id);
+    state.read_markers.insert((msg.thread_id, msg.sender_id), next_seq);
+    metrics::counter!("pigeon_messages_stored_total").increment(1);
+    Ok(Appended { message, duplicate: false, members })
+}
+
+fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
+    let mut state = WriterState::default();
+    let commit_seconds = metrics::histogram!("pigeon_store_commit_seconds");
+    let batch_size = metrics::histogram!("pigeon_store_batch_size");
+    let mut closed: Option<oneshot::Sender<()>> = None;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+
+    while closed.is_none() {
+        let Some(first) = jobs_rx.blocking_recv() else { break };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs_rx.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+
+        let started = Instant::now();
+        let mut completions = Vec::with_capacity(batch.len());
+        let outcome = run_batch(&mut conn, &mut state, &mut batch, &mut completions, &mut closed);
+        if let Err(error) = &outcome {
+            tracing::error!(%error, jobs = completions.len(), "store transaction failed; nothing in it is acknowledged");
+            state.reset();
+        }
+        commit_seconds.record(started.elapsed().as_secs_f64());
+        batch_size.record(completions.len() as f64);
+        for completion in completions {
+            completion(outcome.clone());
+        }
+    }
+
+    // Refuse whatever arrived after the close request.
+    jobs_rx.close();
+    while let Ok(command) = jobs_rx.try_recv() {
+        if let Command::Job(job) = command {
+            drop(job);
+        }
+    }
+    if let Err((_, error)) = conn.close() {
+        tracing::warn!(%error, "closing the sqlite writer connection");
+    }
+    if let Some(done) = closed {
+        let _ = done.send(());
+    }
+}
+
+fn run_batch(
+    conn: &mut Connection,
+    state: &mut WriterState,
+    batch: &mut Vec<Command>,
+    completions: &mut Vec<Completion>,
+    closed: &mut Option<oneshot::Sender<()>>,
+) -> Result<()> {
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for command in batch.drain(..) {
+        match command {
+            Command::Job(job) => {
+                let savepoint = tx.savepoint()?;
+                let (ok, completion) = job(&savepoint, state);
+                completions.push(completion);
+                if ok {
+                    savepoint.commit()?;
+                } else {
+                    savepoint.finish()?;
+                }
+            }
+            // Jobs queued before the close are in this batch and commit with it.
+            Command::Close(done) => *closed = Some(done),
+        }
+    }
+    state.flush(&tx)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn read_membership(conn: &Connection, thread_id: ThreadId, user_id: UserId) -> Result<Membership> {
+    let row = conn
+        .prepare_cached(
+            "SELECT t.kind, t.last_seq, m.joined_seq, m.last_read_seq, m.last_delivered_seq, m.user_id IS NOT NULL
+             FROM threads t LEFT JOIN members m ON m.thread_id = t.id AND m.user_id = ?2
+             WHERE t.id = ?1",
+        )?
+        .query_row(params![thread_id.as_bytes(), user_id.as_bytes()], |row| {
+            let member: bool = row.get(5)?;
+            Ok(member.then(|| -> rusqlite::Result<Membership> {
+                Ok(Membership {
+                    kind: thread_kind(&row.get::<_, String>(0)?),
+                    last_seq: to_u64(row.get(1)?),
+                    joined_seq: to_u64(row.get(2)?),
+                    read_seq: to_u64(row.get(3)?),
+                    delivered_seq: to_u64(row.get(4)?),
+                })
+            }))
+        })
+        .optional()?;
+    match row {
+        None => Err(StoreError::ThreadNotFound),
+        Some(None) => Err(StoreError::NotMember),
+        Some(Some(membership)) => Ok(membership?),
+    }
+}
+
+fn user_from_row(row: &Row<'_>) -> rusqlite::Result<User> {
+    Ok(User {
+        id: UserId::from_bytes(row.get(0)?),
+        username: row.get(1)?,
+        password_hash: row.get(2)?,
+        created_at: row.get(3)?,
+        last_seen_at: row.get(4)?,
+    })
+}
+
+fn device_from_row(row: &Row<'_>) -> rusqlite::Result<Device> {
+    Ok(Device {
+        id: DeviceId::from_bytes(row.get(0)?),
+        user_id: UserId::from_bytes(row.get(1)?),
+        name: row.get(2)?,
+        created_at: row.get(3)?,
+        last_seen_at: row.get(4)?,
+    })
+}
+
+fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
+    message_from_row_at(row, 0)
+}
+
+/// Reads the 9 message columns starting at `at`, in the order
+/// id, thread_id, seq, sender_id, sender_device_id, client_msg_id, kind, body, created_at.
+fn message_from_row_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Message> {
+    Ok(Message {
+        message_id: MessageId::from_bytes(row.get(at)?),
+        thread_id: ThreadId::from_bytes(row.get(at + 1)?),
+        seq: to_u64(row.get(at + 2)?),
+        sender_id: UserId::from_bytes(row.get(at + 3)?),
+        sender_device_id: DeviceId::from_bytes(row.get(at + 4)?),
+        client_msg_id: row.get(at + 5)?,
+        kind: message_kind(row.get_ref(at + 6)?.as_str()?),
+        body: row.get(at + 7)?,
+        created_at: row.get(at + 8)?,
+    })
+}
+
+fn message_kind(_stored: &str) -> MessageKind {
+    // Only text exists so far; new kinds get their own arm.
+    MessageKind::Text
+}
+
+fn message_kind_str(kind: MessageKind) -> &'static str {
+    match kind {
+        MessageKind::Text => "text",
+    }
+}
+
+fn thread_kind(kind: &str) -> ThreadKind {
+    if kind == "group" { ThreadKind::Group } else { ThreadKind::Direct }
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn map_err(error: rusqlite::Error) -> StoreError {
+    use rusqlite::ffi::ErrorCode as Code;
+    match &error {
+        rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
+            Code::ConstraintViolation => StoreError::Conflict,
+            Code::DatabaseBusy
+            | Code::DatabaseLocked
+            | Code::DiskFull
+            | Code::SystemIoFailure
+            | Code::CannotOpen
+            | Code::ReadOnly
+            | Code::OutOfMemory => StoreError::Unavailable(error.to_string()),
+            _ => StoreError::Internal(error.to_string()),
+        },
+        _ => StoreError::Internal(error.to_string()),
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        map_err(error)
+    }
+}
