@@ -254,8 +254,8 @@ pub enum ServerFrame {
         username: String,
         /// This device.
         device_id: DeviceId,
-        /// Seconds of silence after which the server closes the socket; ping well before.
-        heartbeat_timeout_s: u64,
+        /// Milliseconds of silence after which the server closes the socket; ping well before.
+        heartbeat_timeout_ms: u64,
         /// Largest message body accepted, in bytes.
         max_body_bytes: usize,
         /// Largest frame accepted, in bytes.
@@ -421,7 +421,11 @@ mod tests {
         let frame: ClientFrame = serde_json::from_str(r#"{"type":"sync","id":"s"}"#).unwrap();
         assert_eq!(
             frame,
-            ClientFrame::Sync { id: ReqId::Str("s".into()), have: HashMap::new(), limit: None }
+            ClientFrame::Sync {
+                id: ReqId::Str("s".into()),
+                have: HashMap::new(),
+                limit: None
+            }
         );
     }
 }

@@ -74,8 +74,19 @@ mod tests {
         for good in ["abc", "a.b-c_d", "x23456789012345678901234567890ab"] {
             assert_eq!(validate_username(good), Ok(()), "{good}");
         }
-        for bad in ["ab", "ABC", "a b", "é-user", "x234567890123456789012345678901ab", ""] {
-            assert_eq!(validate_username(bad), Err(ErrorCode::InvalidUsername), "{bad}");
+        for bad in [
+            "ab",
+            "ABC",
+            "a b",
+            "é-user",
+            "x234567890123456789012345678901ab",
+            "",
+        ] {
+            assert_eq!(
+                validate_username(bad),
+                Err(ErrorCode::InvalidUsername),
+                "{bad}"
+            );
         }
     }
 

@@ -1,0 +1,122 @@
+//! The server: builds the store, bus, chat service and gateway from a [`ServerConfig`] and
+//! runs them until shutdown. The only crate that names concrete backends.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use pigeon_bus::LocalBus;
+use pigeon_core::{ChatConfig, ChatService};
+use pigeon_gateway::{GatewayConfig, Registry};
+use pigeon_store::{SqliteConfig, SqliteStore};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Everything `pigeon serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Folder holding the SQLite database.
+    pub data_dir: PathBuf,
+    /// Chat limits.
+    pub chat: ChatConfig,
+    /// Gateway limits and timings.
+    pub gateway: GatewayConfig,
+}
+
+/// How long shutdown waits for sessions to close before giving up on them.
+const SESSION_DRAIN: Duration = Duration::from_secs(10);
+
+/// Runs the server until `shutdown` resolves, then closes sessions with `going away`,
+/// lets in-flight commits finish and closes the store.
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let prometheus = install_metrics();
+    let store = SqliteStore::open(&SqliteConfig::in_dir(&config.data_dir))
+        .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
+    let registry = Arc::new(Registry::new());
+    let bus = Arc::new(LocalBus::new(registry.clone()));
+    let chat = ChatService::new(Arc::new(store), bus, config.chat.clone());
+
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let app = pigeon_gateway::router(
+        chat.clone(),
+        registry,
+        config.gateway.clone(),
+        prometheus,
+        cancel.clone(),
+        tasks.clone(),
+    );
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(data_dir = %config.data_dir.display(), "storing data in {}", config.data_dir.join("pigeon.db").display());
+    tracing::info!("pigeon listening on http://{addr}");
+
+    let stop = cancel.clone();
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: closing sessions, finishing commits");
+        stop.cancel();
+    })
+    .await
+    .context("serving")?;
+
+    tasks.close();
+    if tokio::time::timeout(SESSION_DRAIN, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some sessions did not close in time");
+    }
+    chat.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Installs the Prometheus recorder once per process (metrics are process-wide).
+fn install_metrics() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency = [
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ];
+            let batch = [
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("pigeon_store_commit_seconds".into()),
+                    &latency,
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("pigeon_store_batch_size".into()),
+                        &batch,
+                    )
+                });
+            match builder.and_then(|b| b.install_recorder().map_err(Into::into)) {
+                Ok(handle) => Some(handle),
+                Err(error) => {
+                    tracing::warn!(%error, "metrics disabled");
+                    None
+                }
+            }
+        })
+        .clone()
+}

@@ -95,6 +95,9 @@ pub struct Appended {
     pub members: Arc<[UserId]>,
 }
 
+/// Called with a message as its transaction commits (see [`Store::append_message`]).
+pub type CommitHook = Box<dyn FnOnce(&Appended) + Send>;
+
 /// A user's membership of a thread, with the thread's head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Membership {
@@ -154,7 +157,12 @@ pub trait Store: Send + Sync + 'static {
     async fn set_last_seen(&self, user_id: UserId, at: i64) -> Result<()>;
 
     /// Registers a device whose session token hashes to `token_hash`.
-    async fn create_device(&self, user_id: UserId, name: &str, token_hash: [u8; 32]) -> Result<Device>;
+    async fn create_device(
+        &self,
+        user_id: UserId,
+        name: &str,
+        token_hash: [u8; 32],
+    ) -> Result<Device>;
     /// Returns the device and its owner for a session token hash.
     async fn get_device_by_token(&self, token_hash: [u8; 32]) -> Result<Option<(Device, User)>>;
     /// Lists a user's devices, oldest first.
@@ -173,7 +181,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends a message with the thread's next seq, or returns the message first stored
     /// under the same (sender, client_msg_id). Moves the sender's read marker to it.
-    async fn append_message(&self, msg: NewMessage) -> Result<Appended>;
+    ///
+    /// `on_commit` runs once the message is durable, before the future resolves, and in
+    /// seq order for the messages of one thread; it must not block.
+    async fn append_message(&self, msg: NewMessage, on_commit: CommitHook) -> Result<Appended>;
     /// Returns up to `limit` messages of a thread within `range`, in ascending seq order,
     /// taken from the given end of the range.
     async fn list_messages(
@@ -184,7 +195,13 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Message>>;
     /// Moves a member's marker up to `seq` (clamped to the thread's last seq). Read implies delivered.
-    async fn set_marker(&self, thread_id: ThreadId, user_id: UserId, kind: MarkKind, seq: u64) -> Result<MarkerUpdate>;
+    async fn set_marker(
+        &self,
+        thread_id: ThreadId,
+        user_id: UserId,
+        kind: MarkKind,
+        seq: u64,
+    ) -> Result<MarkerUpdate>;
     /// Lists a user's threads, most recently updated first.
     async fn list_threads(&self, user_id: UserId) -> Result<Vec<ThreadSummary>>;
 

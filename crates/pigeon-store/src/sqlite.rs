@@ -22,8 +22,8 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Appended, Device, MarkerUpdate, Membership, NewMessage, PageFrom, Result, SeqRange, Store,
-    StoreError, User,
+    Appended, CommitHook, Device, MarkerUpdate, Membership, NewMessage, PageFrom, Result, SeqRange,
+    Store, StoreError, User,
 };
 
 mod embedded {
@@ -47,7 +47,10 @@ pub struct SqliteConfig {
 impl SqliteConfig {
     /// Uses `pigeon.db` inside `data_dir`.
     pub fn in_dir(data_dir: &Path) -> Self {
-        Self { path: data_dir.join("pigeon.db"), readers: 4 }
+        Self {
+            path: data_dir.join("pigeon.db"),
+            readers: 4,
+        }
     }
 }
 
@@ -71,7 +74,8 @@ impl SqliteStore {
     /// Opens (or creates) the database, runs migrations and starts the writer thread.
     pub fn open(config: &SqliteConfig) -> Result<Self> {
         if let Some(dir) = config.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(format!("create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(format!("create {}: {e}", dir.display())))?;
         }
         let mut conn = Connection::open(&config.path).map_err(map_err)?;
         conn.execute_batch(
@@ -98,7 +102,10 @@ impl SqliteStore {
             .name("pigeon-sqlite-writer".into())
             .spawn(move || run_writer(conn, jobs_rx))
             .map_err(|e| StoreError::Internal(format!("spawn writer: {e}")))?;
-        Ok(Self { jobs: jobs_tx, readers })
+        Ok(Self {
+            jobs: jobs_tx,
+            readers,
+        })
     }
 
     /// Runs `work` on the writer thread inside the next transaction; resolves after commit.
@@ -107,12 +114,27 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection, &mut WriterState) -> Result<T> + Send + 'static,
     {
+        self.write_then(work, |_| {}).await
+    }
+
+    /// Like [`Self::write`], and calls `after_commit` on the writer thread once the work is
+    /// committed: in commit order, before the future resolves.
+    async fn write_then<T, F, A>(&self, work: F, after_commit: A) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut WriterState) -> Result<T> + Send + 'static,
+        A: FnOnce(&T) + Send + 'static,
+    {
         let (done_tx, done_rx) = oneshot::channel();
         let job: Job = Box::new(move |conn, state| {
             let result = work(conn, state);
             let ok = result.is_ok();
             let completion: Completion = Box::new(move |committed: Result<()>| {
-                let _ = done_tx.send(committed.and(result));
+                let result = committed.and(result);
+                if let Ok(value) = &result {
+                    after_commit(value);
+                }
+                let _ = done_tx.send(result);
             });
             (ok, completion)
         });
@@ -196,7 +218,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_device(&self, user_id: UserId, name: &str, token_hash: [u8; 32]) -> Result<Device> {
+    async fn create_device(
+        &self,
+        user_id: UserId,
+        name: &str,
+        token_hash: [u8; 32],
+    ) -> Result<Device> {
         let device = Device {
             id: DeviceId::new(),
             user_id,
@@ -307,7 +334,8 @@ impl Store for SqliteStore {
     }
 
     async fn get_membership(&self, thread_id: ThreadId, user_id: UserId) -> Result<Membership> {
-        self.read(move |conn| read_membership(conn, thread_id, user_id)).await
+        self.read(move |conn| read_membership(conn, thread_id, user_id))
+            .await
     }
 
     async fn list_thread_peers(&self, user_id: UserId) -> Result<Vec<UserId>> {
@@ -317,14 +345,17 @@ impl Store for SqliteStore {
                  JOIN members p ON p.thread_id = m.thread_id AND p.user_id != m.user_id
                  WHERE m.user_id = ?1",
             )?;
-            let rows = stmt.query_map([user_id.as_bytes()], |row| Ok(UserId::from_bytes(row.get(0)?)))?;
+            let rows = stmt.query_map([user_id.as_bytes()], |row| {
+                Ok(UserId::from_bytes(row.get(0)?))
+            })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
     }
 
-    async fn append_message(&self, msg: NewMessage) -> Result<Appended> {
-        self.write(move |conn, state| append(conn, state, msg)).await
+    async fn append_message(&self, msg: NewMessage, on_commit: CommitHook) -> Result<Appended> {
+        self.write_then(move |conn, state| append(conn, state, msg), on_commit)
+            .await
     }
 
     async fn list_messages(
@@ -359,7 +390,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn set_marker(&self, thread_id: ThreadId, user_id: UserId, kind: MarkKind, seq: u64) -> Result<MarkerUpdate> {
+    async fn set_marker(
+        &self,
+        thread_id: ThreadId,
+        user_id: UserId,
+        kind: MarkKind,
+        seq: u64,
+    ) -> Result<MarkerUpdate> {
         self.write(move |conn, state| {
             let thread = state.thread(conn, thread_id)?;
             if !thread.members.contains(&user_id) {
@@ -481,11 +518,18 @@ impl WriterState {
                     .query_row([thread_id.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
                     .optional()?;
                 let (last_seq, updated_at) = head.ok_or(StoreError::ThreadNotFound)?;
-                let mut stmt = conn.prepare_cached("SELECT user_id FROM members WHERE thread_id = ?1")?;
+                let mut stmt =
+                    conn.prepare_cached("SELECT user_id FROM members WHERE thread_id = ?1")?;
                 let members = stmt
-                    .query_map([thread_id.as_bytes()], |row| Ok(UserId::from_bytes(row.get(0)?)))?
+                    .query_map([thread_id.as_bytes()], |row| {
+                        Ok(UserId::from_bytes(row.get(0)?))
+                    })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok(entry.insert(CachedThread { last_seq: to_u64(last_seq), updated_at, members: members.into() }))
+                Ok(entry.insert(CachedThread {
+                    last_seq: to_u64(last_seq),
+                    updated_at,
+                    members: members.into(),
+                }))
             }
         }
     }
@@ -499,7 +543,11 @@ impl WriterState {
              WHERE thread_id = ?1 AND user_id = ?2",
         )?;
         for ((thread_id, user_id), seq) in self.read_markers.drain() {
-            stmt.execute(params![thread_id.as_bytes(), user_id.as_bytes(), to_i64(seq)])?;
+            stmt.execute(params![
+                thread_id.as_bytes(),
+                user_id.as_bytes(),
+                to_i64(seq)
+            ])?;
         }
         Ok(())
     }
@@ -507,10 +555,15 @@ impl WriterState {
     /// Writes the batch's thread heads and markers; called once per transaction.
     fn flush(&mut self, conn: &Connection) -> Result<()> {
         self.flush_read_markers(conn)?;
-        let mut stmt = conn.prepare_cached("UPDATE threads SET last_seq = ?2, updated_at = ?3 WHERE id = ?1")?;
+        let mut stmt =
+            conn.prepare_cached("UPDATE threads SET last_seq = ?2, updated_at = ?3 WHERE id = ?1")?;
         for thread_id in self.dirty_threads.drain() {
             let head = &self.threads[&thread_id];
-            stmt.execute(params![thread_id.as_bytes(), to_i64(head.last_seq), head.updated_at])?;
+            stmt.execute(params![
+                thread_id.as_bytes(),
+                to_i64(head.last_seq),
+                head.updated_at
+            ])?;
         }
         Ok(())
     }
@@ -544,7 +597,11 @@ fn append(conn: &Connection, state: &mut WriterState, msg: NewMessage) -> Result
         } else {
             state.thread(conn, message.thread_id)?.members.clone()
         };
-        return Ok(Appended { message, duplicate: true, members });
+        return Ok(Appended {
+            message,
+            duplicate: true,
+            members,
+        });
     }
 
     let message = Message {
@@ -579,9 +636,15 @@ fn append(conn: &Connection, state: &mut WriterState, msg: NewMessage) -> Result
     thread.last_seq = next_seq;
     thread.updated_at = message.created_at;
     state.dirty_threads.insert(msg.thread_id);
-    state.read_markers.insert((msg.thread_id, msg.sender_id), next_seq);
+    state
+        .read_markers
+        .insert((msg.thread_id, msg.sender_id), next_seq);
     metrics::counter!("pigeon_messages_stored_total").increment(1);
-    Ok(Appended { message, duplicate: false, members })
+    Ok(Appended {
+        message,
+        duplicate: false,
+        members,
+    })
 }
 
 fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
@@ -592,7 +655,9 @@ fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
 
     while closed.is_none() {
-        let Some(first) = jobs_rx.blocking_recv() else { break };
+        let Some(first) = jobs_rx.blocking_recv() else {
+            break;
+        };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match jobs_rx.try_recv() {
@@ -603,7 +668,13 @@ fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
 
         let started = Instant::now();
         let mut completions = Vec::with_capacity(batch.len());
-        let outcome = run_batch(&mut conn, &mut state, &mut batch, &mut completions, &mut closed);
+        let outcome = run_batch(
+            &mut conn,
+            &mut state,
+            &mut batch,
+            &mut completions,
+            &mut closed,
+        );
         if let Err(error) = &outcome {
             tracing::error!(%error, jobs = completions.len(), "store transaction failed; nothing in it is acknowledged");
             state.reset();
@@ -738,7 +809,11 @@ fn message_kind_str(kind: MessageKind) -> &'static str {
 }
 
 fn thread_kind(kind: &str) -> ThreadKind {
-    if kind == "group" { ThreadKind::Group } else { ThreadKind::Direct }
+    if kind == "group" {
+        ThreadKind::Group
+    } else {
+        ThreadKind::Direct
+    }
 }
 
 fn to_i64(value: u64) -> i64 {

@@ -1,0 +1,124 @@
+//! `pigeon`: one binary for the server and the tools around it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use pigeon_core::ChatConfig;
+use pigeon_gateway::GatewayConfig;
+use pigeon_server::ServerConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "pigeon",
+    version,
+    about = "Pigeon: an instant-messaging server that never loses a message"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the server: SQLite in the data folder, nothing else to install.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "PIGEON_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Folder for the database.
+    #[arg(long, env = "PIGEON_DATA_DIR", default_value = "./pigeon-data")]
+    data_dir: PathBuf,
+    /// Seconds of silence after which a connection is closed (fractions allowed).
+    #[arg(long, env = "PIGEON_HEARTBEAT_TIMEOUT", default_value_t = 60.0, value_parser = positive_seconds)]
+    heartbeat_timeout: f64,
+    /// Largest message body, in bytes.
+    #[arg(long, env = "PIGEON_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
+    max_body_bytes: usize,
+    /// Largest WebSocket frame or HTTP request body, in bytes.
+    #[arg(long, env = "PIGEON_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    max_frame_bytes: usize,
+    /// Requests per second allowed per connection.
+    #[arg(long, env = "PIGEON_RATE_LIMIT", default_value_t = 100)]
+    rate_limit: u32,
+    /// Requests allowed in a burst above the rate.
+    #[arg(long, env = "PIGEON_RATE_BURST", default_value_t = 200)]
+    rate_burst: u32,
+    /// Register and login attempts per second per client address.
+    #[arg(long, env = "PIGEON_AUTH_RATE_LIMIT", default_value_t = 10)]
+    auth_rate_limit: u32,
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds > 0.0 && seconds.is_finite() => Ok(seconds),
+        _ => Err("expected a positive number of seconds".into()),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ServerConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        chat: ChatConfig {
+            max_body_bytes: args.max_body_bytes,
+            ..ChatConfig::default()
+        },
+        gateway: GatewayConfig {
+            heartbeat_timeout: Duration::from_secs_f64(args.heartbeat_timeout),
+            max_frame_bytes: args.max_frame_bytes,
+            rate_per_second: args.rate_limit,
+            rate_burst: args.rate_burst,
+            auth_rate_per_second: args.auth_rate_limit,
+            ..GatewayConfig::default()
+        },
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(pigeon_server::run(config, shutdown_signal()))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

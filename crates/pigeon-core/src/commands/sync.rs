@@ -1,0 +1,57 @@
+//! `sync`: everything a client missed, from the highest contiguous seq it holds per thread.
+
+use std::collections::HashMap;
+
+use pigeon_proto::{ReqId, ServerFrame, ThreadId};
+use pigeon_store::{PageFrom, SeqRange};
+
+use crate::{Caller, ChatService, Result};
+
+const DEFAULT_LIMIT: u32 = 500;
+const MAX_LIMIT: u32 = 1000;
+
+/// Threads the client does not know, or with messages past what it holds, are returned
+/// with those messages (oldest first), up to `limit` messages per page. `more` asks the
+/// client to call again with `have` advanced. Messages committed after this snapshot reach
+/// the client as live events, since its connection was registered before it asked.
+pub(crate) async fn execute(
+    chat: &ChatService,
+    caller: &Caller,
+    id: ReqId,
+    have: &HashMap<ThreadId, u64>,
+    limit: Option<u32>,
+) -> Result<ServerFrame> {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT) as u64;
+    let mut threads = Vec::new();
+    let mut messages = Vec::new();
+    let mut more = false;
+    for summary in chat.store.list_threads(caller.user_id).await? {
+        let held = have.get(&summary.thread_id).copied();
+        let from_seq = held.unwrap_or(0);
+        if held.is_some() && summary.last_seq <= from_seq {
+            continue;
+        }
+        let missing = summary.last_seq.saturating_sub(from_seq);
+        let room = limit - messages.len() as u64;
+        if missing > 0 && room > 0 {
+            let take = missing.min(room);
+            let range = SeqRange {
+                after: from_seq,
+                before: summary.last_seq + 1,
+            };
+            let page = chat
+                .store
+                .list_messages(summary.thread_id, range, PageFrom::Oldest, take as u32)
+                .await?;
+            messages.extend(page);
+        }
+        more |= missing > room;
+        threads.push(summary);
+    }
+    Ok(ServerFrame::Sync {
+        id,
+        threads,
+        messages,
+        more,
+    })
+}

@@ -1,0 +1,121 @@
+//! The chat service: the state shared by every request, and request dispatch.
+
+use std::sync::Arc;
+
+use pigeon_bus::{Bus, ConnId, Envelope, Payload};
+use pigeon_proto::{ClientFrame, DeviceId, ServerFrame, UserId};
+use pigeon_store::Store;
+use tokio::sync::Semaphore;
+
+use crate::presence::Presence;
+use crate::publish::Publisher;
+use crate::{ChatError, Result, commands};
+
+/// Limits and settings of the chat service.
+#[derive(Debug, Clone)]
+pub struct ChatConfig {
+    /// Largest message body, in bytes.
+    pub max_body_bytes: usize,
+    /// Password hashes computed at once (each takes ~19 MiB and a core for ~20 ms).
+    pub max_concurrent_hashes: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024,
+            max_concurrent_hashes: 2,
+        }
+    }
+}
+
+/// Who is making a request: an authenticated device, and the connection it came on.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The user.
+    pub user_id: UserId,
+    /// Their username.
+    pub username: String,
+    /// The device (session token) used.
+    pub device_id: DeviceId,
+    /// The connection the request came on; events it causes are not echoed back to it.
+    pub conn: Option<ConnId>,
+}
+
+/// The chat service. One per node, shared by every connection.
+pub struct ChatService {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) config: ChatConfig,
+    pub(crate) presence: Presence,
+    pub(crate) publisher: Publisher,
+    pub(crate) hashing: Semaphore,
+}
+
+impl ChatService {
+    /// Creates the service over a store and a bus. Must be called inside a tokio runtime.
+    pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, config: ChatConfig) -> Arc<Self> {
+        Arc::new(Self {
+            publisher: Publisher::start(bus.clone()),
+            hashing: Semaphore::new(config.max_concurrent_hashes.max(1)),
+            presence: Presence::default(),
+            store,
+            bus,
+            config,
+        })
+    }
+
+    /// Returns the service's settings.
+    pub fn config(&self) -> &ChatConfig {
+        &self.config
+    }
+
+    /// Returns the store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Answers one request. Failures become `error` frames carrying the request id.
+    pub async fn handle(&self, caller: &Caller, frame: ClientFrame) -> ServerFrame {
+        let id = frame.id().clone();
+        match commands::execute(self, caller, frame).await {
+            Ok(answer) => answer,
+            Err(error) => ServerFrame::Error {
+                id: Some(id),
+                code: error.code(),
+                message: error.client_message(),
+            },
+        }
+    }
+
+    /// Publishes one event to the connections of `users`, except `skip`.
+    pub(crate) async fn publish(
+        &self,
+        users: Arc<[UserId]>,
+        skip: Option<ConnId>,
+        frame: &ServerFrame,
+    ) -> Result<()> {
+        let payload = Payload::Frame(encode(frame)?);
+        self.bus
+            .publish(Envelope {
+                users,
+                skip,
+                payload,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Waits until every committed message has been handed to the bus, then closes the store.
+    pub async fn close(&self) {
+        self.store.close().await;
+        self.publisher.drain().await;
+    }
+}
+
+/// Serializes a frame once; the bytes are shared by every recipient.
+pub(crate) fn encode(frame: &ServerFrame) -> Result<bytes::Bytes> {
+    serde_json::to_vec(frame)
+        .map(bytes::Bytes::from)
+        .map_err(|e| ChatError::Internal(format!("encode frame: {e}")))
+}
