@@ -1,0 +1,10 @@
+//! End-to-end tests: the real `pigeon serve` on an ephemeral port, spoken to over real sockets.
+
+mod support;
+
+mod chat;
+mod crash;
+mod errors;
+mod longpoll;
+mod presence;
+mod sync;
