@@ -109,12 +109,12 @@ impl Deliver for Registry {
                     {
                         match &mut conn.sink {
                             Sink::Socket(queue) => {
-                                if let Err(error) = queue.try_send(Outbound::Frame(text.clone())) {
-                                    if error.is_full() {
-                                        // Never drop silently: close it; the client reconnects and syncs.
-                                        self.slow_consumers.increment(1);
-                                        queue.close_channel();
-                                    }
+                                if let Err(error) = queue.try_send(Outbound::Frame(text.clone()))
+                                    && error.is_full()
+                                {
+                                    // Never drop silently: close it; the client reconnects and syncs.
+                                    self.slow_consumers.increment(1);
+                                    queue.close_channel();
                                 }
                             }
                             Sink::Poll(session) => session.push(text.clone()),

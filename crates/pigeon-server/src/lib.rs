@@ -110,7 +110,7 @@ fn install_metrics() -> Option<PrometheusHandle> {
                         &batch,
                     )
                 });
-            match builder.and_then(|b| b.install_recorder().map_err(Into::into)) {
+            match builder.and_then(|b| b.install_recorder()) {
                 Ok(handle) => Some(handle),
                 Err(error) => {
                     tracing::warn!(%error, "metrics disabled");

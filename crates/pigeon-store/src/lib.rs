@@ -4,6 +4,8 @@
 //! transaction (group commit) and answers none of them before that commit is durable.
 
 mod sqlite;
+#[cfg(test)]
+mod suite;
 
 use std::sync::Arc;
 

@@ -491,8 +491,9 @@ impl Store for SqliteStore {
 }
 
 /// What the writer keeps between jobs: per-thread heads, and metadata to write once per batch.
-#[derive(Default)]
 struct WriterState {
+    /// `pigeon_messages_stored_total`, resolved once.
+    stored: metrics::Counter,
     threads: HashMap<ThreadId, CachedThread>,
     /// Threads whose `last_seq` / `updated_at` changed in this batch.
     dirty_threads: HashSet<ThreadId>,
@@ -639,7 +640,7 @@ fn append(conn: &Connection, state: &mut WriterState, msg: NewMessage) -> Result
     state
         .read_markers
         .insert((msg.thread_id, msg.sender_id), next_seq);
-    metrics::counter!("pigeon_messages_stored_total").increment(1);
+    state.stored.increment(1);
     Ok(Appended {
         message,
         duplicate: false,
@@ -648,7 +649,12 @@ fn append(conn: &Connection, state: &mut WriterState, msg: NewMessage) -> Result
 }
 
 fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
-    let mut state = WriterState::default();
+    let mut state = WriterState {
+        stored: metrics::counter!("pigeon_messages_stored_total"),
+        threads: HashMap::new(),
+        dirty_threads: HashSet::new(),
+        read_markers: HashMap::new(),
+    };
     let commit_seconds = metrics::histogram!("pigeon_store_commit_seconds");
     let batch_size = metrics::histogram!("pigeon_store_batch_size");
     let mut closed: Option<oneshot::Sender<()>> = None;
@@ -852,5 +858,65 @@ fn map_err(error: rusqlite::Error) -> StoreError {
 impl From<rusqlite::Error> for StoreError {
     fn from(error: rusqlite::Error) -> Self {
         map_err(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> SqliteStore {
+        SqliteStore::open(&SqliteConfig::in_dir(dir)).expect("open sqlite store")
+    }
+
+    fn fresh() -> (Arc<dyn Store>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        (Arc::new(open(dir.path())), dir)
+    }
+
+    crate::suite::store_suite!(fresh());
+
+    #[tokio::test]
+    async fn reopening_keeps_messages_and_continues_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let alice = store.create_user("alice", "h").await.unwrap().id;
+        let bob = store.create_user("bob", "h").await.unwrap().id;
+        let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+        let message = |n: u32| NewMessage {
+            thread_id: thread,
+            sender_id: alice,
+            sender_device_id: DeviceId::new(),
+            client_msg_id: format!("m{n}"),
+            kind: MessageKind::Text,
+            body: "hi".into(),
+        };
+        for n in 0..3 {
+            store
+                .append_message(message(n), Box::new(|_| {}))
+                .await
+                .unwrap();
+        }
+        store.close().await;
+        assert!(
+            matches!(
+                store.set_last_seen(alice, 1).await,
+                Err(StoreError::Unavailable(_))
+            ),
+            "closed"
+        );
+
+        let store = open(dir.path());
+        let again = store
+            .append_message(message(3), Box::new(|_| {}))
+            .await
+            .unwrap();
+        assert_eq!(again.message.seq, 4);
+        let dupe = store
+            .append_message(message(0), Box::new(|_| {}))
+            .await
+            .unwrap();
+        assert!(dupe.duplicate && dupe.message.seq == 1);
+        store.close().await;
     }
 }

@@ -24,7 +24,7 @@ async fn two_users_with_two_devices_each_see_every_message_once_in_order() {
     let alice2 = server.login("alice").await;
     let bob = server.user("bob").await;
     let bob2 = server.login("bob").await;
-    let mut sockets = vec![
+    let mut sockets = [
         alice.connect(&server).await,
         alice2.connect(&server).await,
         bob.connect(&server).await,
@@ -61,23 +61,41 @@ async fn two_users_with_two_devices_each_see_every_message_once_in_order() {
     let all: Vec<u64> = (1..=total as u64).collect();
     for (device, ws) in sockets.iter_mut().enumerate() {
         let seen = collect(ws, &own[device], total).await;
-        assert!(seen.windows(2).all(|w| w[0] < w[1]), "device {device} got events out of order or twice: {seen:?}");
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "device {device} got events out of order or twice: {seen:?}"
+        );
         let mut union: Vec<u64> = seen.iter().chain(&own[device]).copied().collect();
         union.sort_unstable();
-        assert_eq!(union, all, "device {device} is missing messages or got its own back");
+        assert_eq!(
+            union, all,
+            "device {device} is missing messages or got its own back"
+        );
         ws.assert_quiet(std::time::Duration::from_millis(200)).await;
     }
 
     // History agrees with what was delivered, and message ids are unique.
-    let history = sockets[2].request(json!({"type": "history", "thread_id": thread_id, "limit": 200})).await;
+    let history = sockets[2]
+        .request(json!({"type": "history", "thread_id": thread_id, "limit": 200}))
+        .await;
     let messages = history["messages"].as_array().unwrap();
     assert_eq!(messages.len(), total);
-    let ids: BTreeMap<&str, u64> =
-        messages.iter().map(|m| (m["message_id"].as_str().unwrap(), m["seq"].as_u64().unwrap())).collect();
+    let ids: BTreeMap<&str, u64> = messages
+        .iter()
+        .map(|m| {
+            (
+                m["message_id"].as_str().unwrap(),
+                m["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
     assert_eq!(ids.len(), total);
 
     // The metrics saw it all.
-    assert_eq!(server.metric("pigeon_messages_stored_total").await, total as f64);
+    assert_eq!(
+        server.metric("pigeon_messages_stored_total").await,
+        total as f64
+    );
     assert_eq!(server.metric("pigeon_connections_open").await, 4.0);
     assert!(server.metric("pigeon_frames_in_total").await >= total as f64);
     assert!(server.metric("pigeon_store_commit_seconds_count").await >= 1.0);
@@ -108,11 +126,19 @@ async fn a_resent_client_msg_id_yields_one_message_and_identical_acks() {
         assert_eq!(strip(ack), first);
     }
     let thread_id = first["thread_id"].clone();
-    let history = ws.request(json!({"type": "history", "thread_id": thread_id})).await;
-    assert_eq!(history["messages"].as_array().unwrap().len(), 1, "{history}");
+    let history = ws
+        .request(json!({"type": "history", "thread_id": thread_id}))
+        .await;
+    assert_eq!(
+        history["messages"].as_array().unwrap().len(),
+        1,
+        "{history}"
+    );
     let event = bob_ws.event_of("message").await;
     assert_eq!(event["message_id"], first["message_id"]);
-    bob_ws.assert_quiet(std::time::Duration::from_millis(300)).await;
+    bob_ws
+        .assert_quiet(std::time::Duration::from_millis(300))
+        .await;
 }
 
 #[tokio::test]
@@ -150,34 +176,51 @@ async fn receipts_unread_and_the_conversation_list() {
     let list = b.request(json!({"type": "threads"})).await;
     let threads = list["threads"].as_array().unwrap();
     assert_eq!(threads.len(), 2);
-    assert_eq!(threads[0]["peer"]["username"], "carol", "most recent first: {list}");
+    assert_eq!(
+        threads[0]["peer"]["username"], "carol",
+        "most recent first: {list}"
+    );
     assert_eq!(threads[0]["last_message"]["body"], "carol here");
     assert_eq!(threads[1]["unread"], 3);
     assert_eq!(threads[1]["muted"], false);
     assert_eq!(list["total_unread"], 4);
 
     // Bob reads two of Alice's messages on his laptop.
-    let ok = b.request(json!({"type": "mark", "thread_id": thread_with_bob, "kind": "read", "seq": 2})).await;
+    let ok = b
+        .request(json!({"type": "mark", "thread_id": thread_with_bob, "kind": "read", "seq": 2}))
+        .await;
     assert_eq!(ok["type"], "ok", "{ok}");
     let receipt = a.event_of("receipt").await;
-    assert_eq!(receipt, json!({"type": "receipt", "thread_id": thread_with_bob, "user_id": bob.user_id, "kind": "read", "seq": 2}));
+    assert_eq!(
+        receipt,
+        json!({"type": "receipt", "thread_id": thread_with_bob, "user_id": bob.user_id, "kind": "read", "seq": 2})
+    );
     let marker = b_phone.event_of("receipt").await;
     assert_eq!(marker, receipt, "bob's phone gets his new read marker");
     let list = b_phone.request(json!({"type": "threads"})).await;
     assert_eq!(list["total_unread"], 2);
 
     // Markers never move back, and a repeated mark sends nothing.
-    b.request(json!({"type": "mark", "thread_id": thread_with_bob, "kind": "read", "seq": 1})).await;
-    b.request(json!({"type": "mark", "thread_id": thread_with_bob, "kind": "delivered", "seq": 2})).await;
+    b.request(json!({"type": "mark", "thread_id": thread_with_bob, "kind": "read", "seq": 1}))
+        .await;
+    b.request(json!({"type": "mark", "thread_id": thread_with_bob, "kind": "delivered", "seq": 2}))
+        .await;
     a.assert_quiet(std::time::Duration::from_millis(300)).await;
 
-    b.request(json!({"type": "mark", "thread_id": thread_with_bob, "kind": "delivered", "seq": 3})).await;
+    b.request(json!({"type": "mark", "thread_id": thread_with_bob, "kind": "delivered", "seq": 3}))
+        .await;
     let receipt = a.event_of("receipt").await;
-    assert_eq!((receipt["kind"].as_str(), receipt["seq"].as_u64()), (Some("delivered"), Some(3)));
+    assert_eq!(
+        (receipt["kind"].as_str(), receipt["seq"].as_u64()),
+        (Some("delivered"), Some(3))
+    );
 
     let alice_view = a.request(json!({"type": "threads"})).await;
     let entry = &alice_view["threads"][0];
-    assert_eq!(entry["unread"], 0, "sending moves the sender's own read marker");
+    assert_eq!(
+        entry["unread"], 0,
+        "sending moves the sender's own read marker"
+    );
     assert_eq!(entry["peer_read_seq"], 2);
     assert_eq!(entry["peer_delivered_seq"], 3);
 
@@ -199,9 +242,15 @@ async fn devices_can_be_listed_revoked_and_logged_out() {
     let list = laptop_ws.request(json!({"type": "devices"})).await;
     let devices = list["devices"].as_array().unwrap();
     assert_eq!(devices.len(), 2);
-    assert!(devices.iter().any(|d| d["device_id"] == laptop.device_id.as_str() && d["current"] == true));
+    assert!(
+        devices
+            .iter()
+            .any(|d| d["device_id"] == laptop.device_id.as_str() && d["current"] == true)
+    );
 
-    let answer = laptop_ws.request(json!({"type": "revoke_device", "device_id": phone.device_id})).await;
+    let answer = laptop_ws
+        .request(json!({"type": "revoke_device", "device_id": phone.device_id}))
+        .await;
     assert_eq!(answer["type"], "ok", "{answer}");
     assert_eq!(phone_ws.close_code().await, Some(4001));
     let status = reqwest::Client::new()
@@ -213,14 +262,32 @@ async fn devices_can_be_listed_revoked_and_logged_out() {
         .status();
     assert_eq!(status, 401, "a revoked token no longer works");
 
-    let answer = laptop_ws.request(json!({"type": "revoke_device", "device_id": phone.device_id})).await;
+    let answer = laptop_ws
+        .request(json!({"type": "revoke_device", "device_id": phone.device_id}))
+        .await;
     assert_eq!(answer["code"], "unknown_device");
 
     let http = reqwest::Client::new();
-    let status = http.post(server.url("/v1/logout")).bearer_auth(&laptop.token).send().await.unwrap().status();
+    let status = http
+        .post(server.url("/v1/logout"))
+        .bearer_auth(&laptop.token)
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert_eq!(status, 204);
-    assert_eq!(laptop_ws.close_code().await, Some(4001), "logout closes the device's own sockets");
-    let status = http.get(server.url("/v1/devices")).bearer_auth(&laptop.token).send().await.unwrap().status();
+    assert_eq!(
+        laptop_ws.close_code().await,
+        Some(4001),
+        "logout closes the device's own sockets"
+    );
+    let status = http
+        .get(server.url("/v1/devices"))
+        .bearer_auth(&laptop.token)
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert_eq!(status, 401);
 }
 
@@ -231,6 +298,11 @@ async fn sigterm_closes_sockets_with_going_away_and_exits_cleanly() {
     let mut ws = alice.connect(&server).await;
     ws.ping().await;
     let code = tokio::spawn(async move { ws.close_code().await });
-    assert!(tokio::task::spawn_blocking(move || server.terminate()).await.unwrap(), "exit status");
+    assert!(
+        tokio::task::spawn_blocking(move || server.terminate())
+            .await
+            .unwrap(),
+        "exit status"
+    );
     assert_eq!(code.await.unwrap(), Some(1001));
 }

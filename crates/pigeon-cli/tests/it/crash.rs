@@ -50,5 +50,9 @@ async fn every_acked_message_survives_a_hard_kill() {
         .map(|m| m["message_id"].as_str().unwrap().to_owned())
         .collect();
     let lost: Vec<&String> = acked.difference(&stored).collect();
-    assert!(lost.is_empty(), "{} acked messages lost after SIGKILL", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} acked messages lost after SIGKILL",
+        lost.len()
+    );
 }

@@ -11,7 +11,10 @@ use crate::support::{Server, connect_anonymous, send};
 fn assert_error(answer: &Value, code: &str) {
     assert_eq!(answer["type"], "error", "{answer}");
     assert_eq!(answer["code"], code, "{answer}");
-    assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+    assert!(
+        answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{answer}"
+    );
 }
 
 #[tokio::test]
@@ -27,13 +30,34 @@ async fn every_bad_request_gets_its_code_and_the_socket_stays_usable() {
 
     let checks: [(Value, &str); 9] = [
         (json!({"type": "teleport"}), "unknown_type"),
-        (json!({"type": "send", "to": "bob", "body": "no id for dedupe"}), "missing_field"),
-        (json!({"type": "history", "thread_id": thread_ab, "limit": "many"}), "invalid_field"),
-        (json!({"type": "mark", "thread_id": "not-a-uuid", "kind": "read", "seq": 1}), "invalid_field"),
-        (json!({"type": "history", "thread_id": uuid::Uuid::now_v7()}), "unknown_thread"),
-        (json!({"type": "send", "to": "nobody", "client_msg_id": "u", "body": "hi"}), "unknown_user"),
-        (json!({"type": "send", "thread_id": thread_ab, "client_msg_id": "big", "body": "x".repeat(16 * 1024 + 1)}), "body_too_large"),
-        (json!({"type": "send", "to": "alice", "client_msg_id": "self", "body": "me"}), "invalid_field"),
+        (
+            json!({"type": "send", "to": "bob", "body": "no id for dedupe"}),
+            "missing_field",
+        ),
+        (
+            json!({"type": "history", "thread_id": thread_ab, "limit": "many"}),
+            "invalid_field",
+        ),
+        (
+            json!({"type": "mark", "thread_id": "not-a-uuid", "kind": "read", "seq": 1}),
+            "invalid_field",
+        ),
+        (
+            json!({"type": "history", "thread_id": uuid::Uuid::now_v7()}),
+            "unknown_thread",
+        ),
+        (
+            json!({"type": "send", "to": "nobody", "client_msg_id": "u", "body": "hi"}),
+            "unknown_user",
+        ),
+        (
+            json!({"type": "send", "thread_id": thread_ab, "client_msg_id": "big", "body": "x".repeat(16 * 1024 + 1)}),
+            "body_too_large",
+        ),
+        (
+            json!({"type": "send", "to": "alice", "client_msg_id": "self", "body": "me"}),
+            "invalid_field",
+        ),
         (json!({"type": "hello", "token": "again"}), "forbidden"),
     ];
     for (frame, code) in checks {
@@ -58,7 +82,9 @@ async fn every_bad_request_gets_its_code_and_the_socket_stays_usable() {
     a.ping().await;
 
     // Nothing half-done is visible: the thread still holds exactly one message.
-    let history = a.request(json!({"type": "history", "thread_id": thread_ab})).await;
+    let history = a
+        .request(json!({"type": "history", "thread_id": thread_ab}))
+        .await;
     assert_eq!(history["messages"].as_array().unwrap().len(), 1);
 }
 
@@ -75,7 +101,10 @@ async fn too_many_requests_are_refused_then_allowed_again() {
             limited += 1;
         }
     }
-    assert!(limited >= 6, "only {limited} of 10 rapid requests were limited");
+    assert!(
+        limited >= 6,
+        "only {limited} of 10 rapid requests were limited"
+    );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     a.ping().await;
 }
@@ -90,11 +119,16 @@ async fn broken_frames_close_the_socket_with_the_proper_code() {
     assert_eq!(ws.close_code().await, Some(1007));
 
     let mut ws = alice.connect(&server).await;
-    ws.send_text(&format!(r#"{{"type":"ping","id":1,"pad":"{}"}}"#, "x".repeat(8192))).await;
+    ws.send_text(&format!(
+        r#"{{"type":"ping","id":1,"pad":"{}"}}"#,
+        "x".repeat(8192)
+    ))
+    .await;
     assert_eq!(ws.close_code().await, Some(1009));
 
     let mut ws = alice.connect(&server).await;
-    ws.send_message(Message::Binary(vec![1u8, 2, 3].into())).await;
+    ws.send_message(Message::Binary(vec![1u8, 2, 3].into()))
+        .await;
     assert_eq!(ws.close_code().await, Some(1003));
 
     // The server is fine afterwards.
@@ -124,14 +158,16 @@ async fn bad_or_revoked_tokens_are_refused() {
 
     // First-frame auth, as browsers do it.
     let mut ws = connect_anonymous(&server).await;
-    ws.send_json(&json!({"type": "hello", "id": "h", "token": "wrong"})).await;
+    ws.send_json(&json!({"type": "hello", "id": "h", "token": "wrong"}))
+        .await;
     let answer = ws.next_frame().await.unwrap();
     assert_error(&answer, "unauthorized");
     assert_eq!(answer["id"], "h");
     assert_eq!(ws.close_code().await, Some(4001));
 
     let mut ws = connect_anonymous(&server).await;
-    ws.send_json(&json!({"type": "hello", "id": 1, "token": alice.token})).await;
+    ws.send_json(&json!({"type": "hello", "id": 1, "token": alice.token}))
+        .await;
     let welcome = ws.next_frame().await.unwrap();
     assert_eq!(welcome["type"], "welcome");
     assert_eq!(welcome["id"], 1);
@@ -143,9 +179,14 @@ async fn bad_or_revoked_tokens_are_refused() {
 
     // Revoked.
     let http = reqwest::Client::new();
-    http.post(server.url("/v1/logout")).bearer_auth(&alice.token).send().await.unwrap();
+    http.post(server.url("/v1/logout"))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap();
     let mut ws = connect_anonymous(&server).await;
-    ws.send_json(&json!({"type": "hello", "id": 2, "token": alice.token})).await;
+    ws.send_json(&json!({"type": "hello", "id": 2, "token": alice.token}))
+        .await;
     assert_error(&ws.next_frame().await.unwrap(), "unauthorized");
 }
 
@@ -155,14 +196,54 @@ async fn accounts_reject_bad_input_with_typed_errors() {
     let http = reqwest::Client::new();
     let post = |path: &str, body: Value| http.post(server.url(path)).json(&body).send();
     let cases = [
-        ("/v1/register", json!({"username": "Al", "password": "long enough"}), 400, "invalid_username"),
-        ("/v1/register", json!({"username": "alice", "password": "short"}), 400, "invalid_password"),
-        ("/v1/register", json!({"username": "alice"}), 400, "missing_field"),
-        ("/v1/register", json!({"username": "alice", "password": 12345678}), 400, "invalid_field"),
-        ("/v1/register", json!({"username": "alice", "password": "long enough"}), 201, ""),
-        ("/v1/register", json!({"username": "alice", "password": "long enough"}), 409, "username_taken"),
-        ("/v1/login", json!({"username": "alice", "password": "wrong password"}), 401, "invalid_credentials"),
-        ("/v1/login", json!({"username": "nobody", "password": "wrong password"}), 401, "invalid_credentials"),
+        (
+            "/v1/register",
+            json!({"username": "Al", "password": "long enough"}),
+            400,
+            "invalid_username",
+        ),
+        (
+            "/v1/register",
+            json!({"username": "alice", "password": "short"}),
+            400,
+            "invalid_password",
+        ),
+        (
+            "/v1/register",
+            json!({"username": "alice"}),
+            400,
+            "missing_field",
+        ),
+        (
+            "/v1/register",
+            json!({"username": "alice", "password": 12345678}),
+            400,
+            "invalid_field",
+        ),
+        (
+            "/v1/register",
+            json!({"username": "alice", "password": "long enough"}),
+            201,
+            "",
+        ),
+        (
+            "/v1/register",
+            json!({"username": "alice", "password": "long enough"}),
+            409,
+            "username_taken",
+        ),
+        (
+            "/v1/login",
+            json!({"username": "alice", "password": "wrong password"}),
+            401,
+            "invalid_credentials",
+        ),
+        (
+            "/v1/login",
+            json!({"username": "nobody", "password": "wrong password"}),
+            401,
+            "invalid_credentials",
+        ),
     ];
     for (path, body, status, code) in cases {
         let response = post(path, body.clone()).await.unwrap();
@@ -172,7 +253,12 @@ async fn accounts_reject_bad_input_with_typed_errors() {
             assert_eq!(answer["code"], code, "{path} {body}");
         }
     }
-    let oversize = http.post(server.url("/v1/register")).body("x".repeat(128 * 1024)).send().await.unwrap();
+    let oversize = http
+        .post(server.url("/v1/register"))
+        .body("x".repeat(128 * 1024))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(oversize.status(), 413);
 }
 

@@ -12,7 +12,12 @@ async fn poll(server: &Server, device: &Device, cursor: Option<&str>, wait: u64)
         url.push_str("&cursor=");
         url.push_str(cursor);
     }
-    let response = reqwest::Client::new().get(url).bearer_auth(&device.token).send().await.unwrap();
+    let response = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(&device.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
@@ -32,10 +37,14 @@ async fn long_poll_delivers_the_socket_events_in_the_same_order() {
     let mut a = alice.connect(&server).await;
     let mut thread_id = Value::Null;
     for n in 0..20 {
-        thread_id = send(&mut a, "bob", &format!("lp{n}"), &format!("long poll {n}")).await["thread_id"].clone();
+        thread_id =
+            send(&mut a, "bob", &format!("lp{n}"), &format!("long poll {n}")).await["thread_id"]
+                .clone();
     }
-    a.request(json!({"type": "mark", "thread_id": thread_id, "kind": "read", "seq": 20})).await;
-    b.request(json!({"type": "mark", "thread_id": thread_id, "kind": "delivered", "seq": 20})).await;
+    a.request(json!({"type": "mark", "thread_id": thread_id, "kind": "read", "seq": 20}))
+        .await;
+    b.request(json!({"type": "mark", "thread_id": thread_id, "kind": "delivered", "seq": 20}))
+        .await;
 
     let mut from_socket = Vec::new();
     for _ in 0..20 {
@@ -48,13 +57,26 @@ async fn long_poll_delivers_the_socket_events_in_the_same_order() {
         cursor = answer["cursor"].as_str().unwrap().to_owned();
         from_poll.extend(answer["events"].as_array().unwrap().iter().cloned());
     }
-    let polled_messages: Vec<Value> = from_poll.iter().filter(|e| e["type"] == "message").cloned().collect();
+    let polled_messages: Vec<Value> = from_poll
+        .iter()
+        .filter(|e| e["type"] == "message")
+        .cloned()
+        .collect();
     assert_eq!(polled_messages, from_socket, "same frames, same order");
 
     // The bob-socket's delivered receipt reaches the poller too (its other device).
     let more = poll(&server, &bob_poller, Some(&cursor), 5).await;
-    let receipts: Vec<&Value> = from_poll.iter().chain(more["events"].as_array().unwrap()).filter(|e| e["type"] == "receipt").collect();
-    assert!(receipts.iter().any(|r| r["kind"] == "delivered" && r["user_id"] == bob_socket.user_id.as_str()), "{receipts:?}");
+    let receipts: Vec<&Value> = from_poll
+        .iter()
+        .chain(more["events"].as_array().unwrap())
+        .filter(|e| e["type"] == "receipt")
+        .collect();
+    assert!(
+        receipts
+            .iter()
+            .any(|r| r["kind"] == "delivered" && r["user_id"] == bob_socket.user_id.as_str()),
+        "{receipts:?}"
+    );
 
     // Re-polling the same cursor returns the same events again (until acknowledged).
     let old_cursor = cursor.clone();
@@ -78,7 +100,15 @@ async fn a_waiting_poll_returns_as_soon_as_an_event_arrives_and_rpc_sends() {
         let cursor = cursor.clone();
         tokio::spawn(async move {
             let url = format!("{server_url}?wait=30&cursor={cursor}");
-            reqwest::Client::new().get(url).bearer_auth(token).send().await.unwrap().json::<Value>().await.unwrap()
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -88,7 +118,10 @@ async fn a_waiting_poll_returns_as_soon_as_an_event_arrives_and_rpc_sends() {
     assert_eq!(status, 200, "{sent}");
     assert_eq!(sent["type"], "sent");
     assert_eq!(sent["id"], "r1");
-    let answer = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("poll returned early").unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("poll returned early")
+        .unwrap();
     assert_eq!(answer["events"][0]["body"], "over http");
 
     // An unknown cursor (e.g. after a server restart) resets the stream.
@@ -96,7 +129,12 @@ async fn a_waiting_poll_returns_as_soon_as_an_event_arrives_and_rpc_sends() {
     assert_eq!(reset["reset"], true);
 
     // Errors over HTTP carry the same codes and the request id.
-    let (status, error) = bob.rpc(&server, json!({"type": "history", "id": 9, "thread_id": uuid::Uuid::now_v7()})).await;
+    let (status, error) = bob
+        .rpc(
+            &server,
+            json!({"type": "history", "id": 9, "thread_id": uuid::Uuid::now_v7()}),
+        )
+        .await;
     assert_eq!(status, 404);
     assert_eq!(error["code"], "unknown_thread");
     assert_eq!(error["id"], 9);

@@ -19,9 +19,14 @@ async fn presence_follows_connections_and_reaches_thread_peers() {
 
     let mut b = bob.connect(&server).await;
     let mut s = stranger.connect(&server).await;
-    let before = b.request(json!({"type": "presence", "user": "alice"})).await;
+    let before = b
+        .request(json!({"type": "presence", "user": "alice"}))
+        .await;
     assert_eq!(before["online"], false, "{before}");
-    assert!(before["last_seen"].as_i64().is_some(), "last seen is kept: {before}");
+    assert!(
+        before["last_seen"].as_i64().is_some(),
+        "last seen is kept: {before}"
+    );
 
     let a = alice.connect(&server).await;
     // Alice's earlier "offline" may still be on its way; her coming online follows it.
@@ -35,7 +40,9 @@ async fn presence_follows_connections_and_reaches_thread_peers() {
     // A second device changes nothing; closing one of two keeps alice online.
     let phone = alice_phone.connect(&server).await;
     phone.close().await;
-    let query = b.request(json!({"type": "presence", "user": alice.user_id})).await;
+    let query = b
+        .request(json!({"type": "presence", "user": alice.user_id}))
+        .await;
     assert_eq!(query["online"], true, "{query}");
     assert_eq!(query["username"], "alice");
 
@@ -63,7 +70,11 @@ async fn a_silent_connection_is_closed_at_the_heartbeat_timeout() {
         let mut offline = None;
         for _ in 0..30 {
             b.ping().await;
-            if let Some(event) = b.events.iter().find(|e| e["type"] == "presence" && e["online"] == false) {
+            if let Some(event) = b
+                .events
+                .iter()
+                .find(|e| e["type"] == "presence" && e["online"] == false)
+            {
                 offline = Some(event.clone());
                 break;
             }

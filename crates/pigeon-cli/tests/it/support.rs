@@ -42,7 +42,11 @@ impl Server {
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(data_dir.path())
-            .args(if args.iter().any(|a| a == "--auth-rate-limit") { &[][..] } else { &["--auth-rate-limit", "1000"][..] })
+            .args(if args.iter().any(|a| a == "--auth-rate-limit") {
+                &[][..]
+            } else {
+                &["--auth-rate-limit", "1000"][..]
+            })
             .args(&args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -70,7 +74,12 @@ impl Server {
                 panic!("server did not start:\n{}", log.lock().unwrap().join("\n"));
             }
         };
-        Self { child, addr, data_dir, args }
+        Self {
+            child,
+            addr,
+            data_dir,
+            args,
+        }
     }
 
     /// Kills the server with SIGKILL: no shutdown code runs.
@@ -82,13 +91,19 @@ impl Server {
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited with success.
     pub(crate) fn terminate(&mut self) -> bool {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status.success();
             }
-            assert!(std::time::Instant::now() < deadline, "server did not stop on SIGTERM");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server did not stop on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -115,7 +130,12 @@ impl Server {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 201, "register {name}: {}", response.text().await.unwrap());
+        assert_eq!(
+            response.status(),
+            201,
+            "register {name}: {}",
+            response.text().await.unwrap()
+        );
         self.login(name).await
     }
 
@@ -139,9 +159,17 @@ impl Server {
 
     /// Scrapes `/metrics` and returns the value of one sample.
     pub(crate) async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         text.lines()
-            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
             .trim()
             .parse()
@@ -168,9 +196,20 @@ impl Device {
     /// Opens a socket authenticated by header and waits for `welcome`.
     pub(crate) async fn connect(&self, server: &Server) -> Ws {
         let mut request = server.ws_url().into_client_request().unwrap();
-        request.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse().unwrap());
-        let (stream, _) = tokio_tungstenite::connect_async(request).await.expect("connect");
-        let mut ws = Ws { stream, events: VecDeque::new(), answers: HashMap::new(), next_id: 0, welcome: Value::Null };
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.token).parse().unwrap(),
+        );
+        let (stream, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("connect");
+        let mut ws = Ws {
+            stream,
+            events: VecDeque::new(),
+            answers: HashMap::new(),
+            next_id: 0,
+            welcome: Value::Null,
+        };
         let welcome = ws.next_frame().await.expect("welcome");
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         ws.welcome = welcome;
@@ -193,8 +232,16 @@ impl Device {
 
 /// A raw, unauthenticated socket.
 pub(crate) async fn connect_anonymous(server: &Server) -> Ws {
-    let (stream, _) = tokio_tungstenite::connect_async(server.ws_url()).await.expect("connect");
-    Ws { stream, events: VecDeque::new(), answers: HashMap::new(), next_id: 0, welcome: Value::Null }
+    let (stream, _) = tokio_tungstenite::connect_async(server.ws_url())
+        .await
+        .expect("connect");
+    Ws {
+        stream,
+        events: VecDeque::new(),
+        answers: HashMap::new(),
+        next_id: 0,
+        welcome: Value::Null,
+    }
 }
 
 /// A protocol client: requests get their answers; events are kept in arrival order.
@@ -222,7 +269,10 @@ impl Ws {
             return answer;
         }
         loop {
-            let frame = self.next_frame().await.unwrap_or_else(|| panic!("socket closed awaiting answer {id}"));
+            let frame = self
+                .next_frame()
+                .await
+                .unwrap_or_else(|| panic!("socket closed awaiting answer {id}"));
             match frame.get("id").and_then(Value::as_i64) {
                 Some(other) if other == id => return frame,
                 Some(other) => {
@@ -246,7 +296,10 @@ impl Ws {
     }
 
     pub(crate) async fn send_text(&mut self, text: &str) {
-        self.stream.send(Message::Text(text.into())).await.expect("send");
+        self.stream
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send");
     }
 
     pub(crate) async fn send_message(&mut self, message: Message) {
@@ -259,7 +312,10 @@ impl Ws {
             return event;
         }
         loop {
-            let frame = self.next_frame().await.expect("socket closed awaiting an event");
+            let frame = self
+                .next_frame()
+                .await
+                .expect("socket closed awaiting an event");
             if frame.get("id").is_none_or(Value::is_null) {
                 return frame;
             }
@@ -278,8 +334,13 @@ impl Ws {
 
     /// Asserts nothing arrives for a short while.
     pub(crate) async fn assert_quiet(&mut self, for_how_long: Duration) {
-        assert!(self.events.is_empty(), "unexpected events: {:?}", self.events);
-        if let Ok(Some(Ok(message))) = tokio::time::timeout(for_how_long, self.stream.next()).await {
+        assert!(
+            self.events.is_empty(),
+            "unexpected events: {:?}",
+            self.events
+        );
+        if let Ok(Some(Ok(message))) = tokio::time::timeout(for_how_long, self.stream.next()).await
+        {
             panic!("unexpected frame: {message:?}");
         }
     }
@@ -287,9 +348,13 @@ impl Ws {
     /// Reads the next text frame as JSON; None when the socket closes.
     pub(crate) async fn next_frame(&mut self) -> Option<Value> {
         loop {
-            let message = tokio::time::timeout(WAIT, self.stream.next()).await.expect("timed out waiting for a frame");
+            let message = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("timed out waiting for a frame");
             match message {
-                Some(Ok(Message::Text(text))) => return Some(serde_json::from_str(&text).expect("server sent JSON")),
+                Some(Ok(Message::Text(text))) => {
+                    return Some(serde_json::from_str(&text).expect("server sent JSON"));
+                }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
                 Some(Ok(_)) => {}
             }
@@ -299,7 +364,9 @@ impl Ws {
     /// Reads until the server closes; returns the close code.
     pub(crate) async fn close_code(&mut self) -> Option<u16> {
         loop {
-            let message = tokio::time::timeout(WAIT, self.stream.next()).await.expect("timed out waiting for close");
+            let message = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("timed out waiting for close");
             match message {
                 Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code.into()),
                 Some(Ok(_)) => {}
@@ -320,7 +387,9 @@ impl Ws {
 
 /// Sends a text message and returns the `sent` answer.
 pub(crate) async fn send(ws: &mut Ws, to: &str, client_msg_id: &str, body: &str) -> Value {
-    let answer = ws.request(json!({"type": "send", "to": to, "client_msg_id": client_msg_id, "body": body})).await;
+    let answer = ws
+        .request(json!({"type": "send", "to": to, "client_msg_id": client_msg_id, "body": body}))
+        .await;
     assert_eq!(answer["type"], "sent", "{answer}");
     answer
 }
@@ -330,7 +399,9 @@ pub(crate) async fn sync_all(ws: &mut Ws, page: u32) -> Vec<Value> {
     let mut have = serde_json::Map::new();
     let mut all = Vec::new();
     loop {
-        let answer = ws.request(json!({"type": "sync", "have": have, "limit": page})).await;
+        let answer = ws
+            .request(json!({"type": "sync", "have": have, "limit": page}))
+            .await;
         assert_eq!(answer["type"], "sync", "{answer}");
         for message in answer["messages"].as_array().unwrap() {
             let thread = message["thread_id"].as_str().unwrap().to_owned();

@@ -17,7 +17,10 @@ async fn a_recipient_offline_during_100_sends_syncs_all_100_once_in_order() {
     // Bob has never seen the thread; pages of 30 bring all of it.
     let mut b = bob.connect(&server).await;
     let messages = sync_all(&mut b, 30).await;
-    let bodies: Vec<String> = messages.iter().map(|m| m["body"].as_str().unwrap().to_owned()).collect();
+    let bodies: Vec<String> = messages
+        .iter()
+        .map(|m| m["body"].as_str().unwrap().to_owned())
+        .collect();
     let expected: Vec<String> = (1..=100).map(|n| format!("message {n}")).collect();
     assert_eq!(bodies, expected);
 
@@ -29,7 +32,9 @@ async fn a_recipient_offline_during_100_sends_syncs_all_100_once_in_order() {
 
     // Holding everything, a sync is empty.
     let thread_id = messages[0]["thread_id"].as_str().unwrap();
-    let done = b.request(json!({"type": "sync", "have": {thread_id: 100}})).await;
+    let done = b
+        .request(json!({"type": "sync", "have": {thread_id: 100}}))
+        .await;
     assert_eq!(done["messages"], json!([]));
     assert_eq!(done["threads"], json!([]));
     assert_eq!(done["more"], false);
@@ -43,7 +48,10 @@ async fn sync_resumes_from_what_the_client_holds_across_threads() {
     let carol = server.user("carol").await;
     let mut a = alice.connect(&server).await;
     let mut c = carol.connect(&server).await;
-    let with_alice = send(&mut a, "bob", "a1", "one").await["thread_id"].as_str().unwrap().to_owned();
+    let with_alice = send(&mut a, "bob", "a1", "one").await["thread_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     send(&mut a, "bob", "a2", "two").await;
 
     let mut b = bob.connect(&server).await;
@@ -52,19 +60,32 @@ async fn sync_resumes_from_what_the_client_holds_across_threads() {
 
     // While bob is away: more from alice, and a first message from carol.
     send(&mut a, "bob", "a3", "three").await;
-    let with_carol = send(&mut c, "bob", "c1", "hi from carol").await["thread_id"].as_str().unwrap().to_owned();
+    let with_carol = send(&mut c, "bob", "c1", "hi from carol").await["thread_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     let mut b = bob.connect(&server).await;
-    let answer = b.request(json!({"type": "sync", "have": {with_alice.clone(): 2}})).await;
+    let answer = b
+        .request(json!({"type": "sync", "have": {with_alice.clone(): 2}}))
+        .await;
     let got: Vec<(String, u64)> = answer["messages"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["thread_id"].as_str().unwrap().to_owned(), m["seq"].as_u64().unwrap()))
+        .map(|m| {
+            (
+                m["thread_id"].as_str().unwrap().to_owned(),
+                m["seq"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(got.len(), 2, "{answer}");
     assert!(got.contains(&(with_alice, 3)));
-    assert!(got.contains(&(with_carol, 1)), "a thread never seen comes whole");
+    assert!(
+        got.contains(&(with_carol, 1)),
+        "a thread never seen comes whole"
+    );
 }
 
 #[tokio::test]
@@ -75,23 +96,39 @@ async fn history_pages_backwards_and_fills_gaps_forwards() {
     let mut a = alice.connect(&server).await;
     let mut thread_id = String::new();
     for n in 1..=12 {
-        thread_id = send(&mut a, "bob", &format!("h{n}"), &format!("{n}")).await["thread_id"].as_str().unwrap().to_owned();
+        thread_id = send(&mut a, "bob", &format!("h{n}"), &format!("{n}")).await["thread_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
     }
     let seqs = |page: &serde_json::Value| -> Vec<u64> {
-        page["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect()
+        page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect()
     };
 
-    let newest = a.request(json!({"type": "history", "thread_id": thread_id, "limit": 5})).await;
+    let newest = a
+        .request(json!({"type": "history", "thread_id": thread_id, "limit": 5}))
+        .await;
     assert_eq!(seqs(&newest), vec![8, 9, 10, 11, 12]);
     assert_eq!(newest["more"], true);
-    let older = a.request(json!({"type": "history", "thread_id": thread_id, "limit": 5, "before": 8})).await;
+    let older = a
+        .request(json!({"type": "history", "thread_id": thread_id, "limit": 5, "before": 8}))
+        .await;
     assert_eq!(seqs(&older), vec![3, 4, 5, 6, 7]);
-    let oldest = a.request(json!({"type": "history", "thread_id": thread_id, "limit": 5, "before": 3})).await;
+    let oldest = a
+        .request(json!({"type": "history", "thread_id": thread_id, "limit": 5, "before": 3}))
+        .await;
     assert_eq!(seqs(&oldest), vec![1, 2]);
     assert_eq!(oldest["more"], false);
 
     // A client that saw seq 4 then seq 9 asks for what lies between.
-    let gap = a.request(json!({"type": "history", "thread_id": thread_id, "after": 4, "before": 9})).await;
+    let gap = a
+        .request(json!({"type": "history", "thread_id": thread_id, "after": 4, "before": 9}))
+        .await;
     assert_eq!(seqs(&gap), vec![5, 6, 7, 8]);
     assert_eq!(gap["more"], false);
 }

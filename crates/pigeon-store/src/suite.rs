@@ -1,0 +1,362 @@
+//! The behaviour every [`Store`] backend must have, run against each backend by
+//! `store_suite!` (quickwit's metastore suite, in small).
+
+use std::sync::{Arc, Mutex};
+
+use futures::future::join_all;
+use pigeon_proto::{DeviceId, MarkKind, MessageKind, ThreadId, UserId};
+
+use crate::{NewMessage, PageFrom, SeqRange, Store, StoreError};
+
+/// Generates one `#[tokio::test]` per suite function, each on a fresh store from `$open`,
+/// an expression giving `(Arc<dyn Store>, guard)`; the guard lives as long as the test.
+macro_rules! store_suite {
+    ($open:expr) => {
+        $crate::suite::store_suite!(@tests $open;
+            users_are_unique_by_username,
+            devices_are_found_by_token_and_deleted_only_by_their_owner,
+            one_direct_thread_per_pair,
+            seqs_are_gap_free_under_concurrent_senders,
+            resends_are_deduplicated,
+            commit_hooks_run_in_seq_order,
+            only_members_may_append_or_mark,
+            markers_only_move_forward,
+            pages_come_from_either_end_of_a_range,
+            thread_list_is_most_recent_first_with_unread,
+        );
+    };
+    (@tests $open:expr; $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (store, _guard) = $open;
+                $crate::suite::$name(store.as_ref()).await;
+                store.close().await;
+            }
+        )+
+    };
+}
+
+async fn user(store: &dyn Store, name: &str) -> UserId {
+    store
+        .create_user(name, "$argon2id$fake")
+        .await
+        .expect("create user")
+        .id
+}
+
+fn text(thread_id: ThreadId, sender_id: UserId, client_msg_id: &str) -> NewMessage {
+    NewMessage {
+        thread_id,
+        sender_id,
+        sender_device_id: DeviceId::new(),
+        client_msg_id: client_msg_id.to_owned(),
+        kind: MessageKind::Text,
+        body: format!("body of {client_msg_id}"),
+    }
+}
+
+async fn append(store: &dyn Store, msg: NewMessage) -> Result<crate::Appended, StoreError> {
+    store.append_message(msg, Box::new(|_| {})).await
+}
+
+pub(crate) async fn users_are_unique_by_username(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    assert!(matches!(
+        store.create_user("alice", "x").await,
+        Err(StoreError::Conflict)
+    ));
+    let by_name = store.get_user_by_username("alice").await.unwrap().unwrap();
+    assert_eq!(by_name.id, alice);
+    assert_eq!(
+        store.get_user(alice).await.unwrap().unwrap().username,
+        "alice"
+    );
+    assert!(store.get_user_by_username("bob").await.unwrap().is_none());
+    store.set_last_seen(alice, 42).await.unwrap();
+    assert_eq!(
+        store.get_user(alice).await.unwrap().unwrap().last_seen_at,
+        Some(42)
+    );
+}
+
+pub(crate) async fn devices_are_found_by_token_and_deleted_only_by_their_owner(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let laptop = store.create_device(alice, "laptop", [1; 32]).await.unwrap();
+    let phone = store.create_device(alice, "phone", [2; 32]).await.unwrap();
+    assert!(matches!(
+        store.create_device(bob, "copy", [1; 32]).await,
+        Err(StoreError::Conflict)
+    ));
+
+    let (device, owner) = store.get_device_by_token([2; 32]).await.unwrap().unwrap();
+    assert_eq!((device.id, owner.id), (phone.id, alice));
+    assert!(store.get_device_by_token([3; 32]).await.unwrap().is_none());
+    let names: Vec<String> = store
+        .list_devices(alice)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, ["laptop", "phone"]);
+
+    assert!(
+        !store.delete_device(bob, laptop.id).await.unwrap(),
+        "not bob's device"
+    );
+    assert!(store.delete_device(alice, laptop.id).await.unwrap());
+    assert!(store.get_device_by_token([1; 32]).await.unwrap().is_none());
+    store.touch_device(phone.id, 7).await.unwrap();
+    assert_eq!(
+        store.list_devices(alice).await.unwrap()[0].last_seen_at,
+        Some(7)
+    );
+}
+
+pub(crate) async fn one_direct_thread_per_pair(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let carol = user(store, "carol").await;
+    let mut creations = Vec::new();
+    for n in 0..10 {
+        let (a, b) = if n % 2 == 0 {
+            (alice, bob)
+        } else {
+            (bob, alice)
+        };
+        creations.push(store.get_or_create_direct_thread(a, b));
+    }
+    let ids = join_all(creations).await;
+    assert!(
+        ids.iter()
+            .all(|id| id.as_ref().unwrap() == ids[0].as_ref().unwrap())
+    );
+    let other = store
+        .get_or_create_direct_thread(alice, carol)
+        .await
+        .unwrap();
+    assert_ne!(&other, ids[0].as_ref().unwrap());
+    let peers = store.list_thread_peers(alice).await.unwrap();
+    assert_eq!(peers.len(), 2);
+    assert!(peers.contains(&bob) && peers.contains(&carol));
+}
+
+pub(crate) async fn seqs_are_gap_free_under_concurrent_senders(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    let sends = (0..200).map(|n| {
+        let sender = if n % 2 == 0 { alice } else { bob };
+        append(store, text(thread, sender, &format!("c{n}")))
+    });
+    let mut seqs: Vec<u64> = join_all(sends)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().message.seq)
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
+    let membership = store.get_membership(thread, alice).await.unwrap();
+    assert_eq!(membership.last_seq, 200);
+}
+
+pub(crate) async fn resends_are_deduplicated(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    let first = append(store, text(thread, alice, "same")).await.unwrap();
+    assert!(!first.duplicate);
+    // Concurrent resends in one batch and later ones all return the first message.
+    let again = join_all((0..5).map(|_| append(store, text(thread, alice, "same")))).await;
+    for resend in again {
+        let resend = resend.unwrap();
+        assert!(resend.duplicate);
+        assert_eq!(resend.message, first.message);
+    }
+    // The key is per sender: bob may use the same client id.
+    let bobs = append(store, text(thread, bob, "same")).await.unwrap();
+    assert_eq!(bobs.message.seq, 2);
+    let all = store
+        .list_messages(
+            thread,
+            SeqRange {
+                after: 0,
+                before: u64::MAX,
+            },
+            PageFrom::Oldest,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
+}
+
+pub(crate) async fn commit_hooks_run_in_seq_order(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sends = (0..100).map(|n| {
+        let seen = seen.clone();
+        store.append_message(
+            text(thread, alice, &format!("h{n}")),
+            Box::new(move |appended| seen.lock().unwrap().push(appended.message.seq)),
+        )
+    });
+    for result in join_all(sends).await {
+        result.unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        (1..=100).collect::<Vec<u64>>(),
+        "hooks ran in commit order, once each"
+    );
+}
+
+pub(crate) async fn only_members_may_append_or_mark(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let mallory = user(store, "mallory").await;
+    let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    assert!(matches!(
+        append(store, text(thread, mallory, "x")).await,
+        Err(StoreError::NotMember)
+    ));
+    assert!(matches!(
+        append(store, text(ThreadId::new(), alice, "y")).await,
+        Err(StoreError::ThreadNotFound)
+    ));
+    assert!(matches!(
+        store.set_marker(thread, mallory, MarkKind::Read, 1).await,
+        Err(StoreError::NotMember)
+    ));
+    assert!(matches!(
+        store.get_membership(thread, mallory).await,
+        Err(StoreError::NotMember)
+    ));
+    assert!(matches!(
+        store.get_membership(ThreadId::new(), alice).await,
+        Err(StoreError::ThreadNotFound)
+    ));
+    // A failed job leaves no trace and does not disturb the batch around it.
+    let ok = append(store, text(thread, alice, "fine")).await.unwrap();
+    assert_eq!(ok.message.seq, 1);
+}
+
+pub(crate) async fn markers_only_move_forward(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    for n in 0..5 {
+        append(store, text(thread, alice, &format!("m{n}")))
+            .await
+            .unwrap();
+    }
+    let sender = store.get_membership(thread, alice).await.unwrap();
+    assert_eq!(
+        (sender.read_seq, sender.delivered_seq),
+        (5, 5),
+        "sending moves the sender's markers"
+    );
+
+    let update = store
+        .set_marker(thread, bob, MarkKind::Delivered, 3)
+        .await
+        .unwrap();
+    assert!(update.changed && update.seq == 3);
+    assert_eq!(update.members.len(), 2);
+    let update = store
+        .set_marker(thread, bob, MarkKind::Delivered, 2)
+        .await
+        .unwrap();
+    assert!(!update.changed && update.seq == 3, "never backwards");
+    let update = store
+        .set_marker(thread, bob, MarkKind::Read, 99)
+        .await
+        .unwrap();
+    assert_eq!(update.seq, 5, "clamped to the last seq");
+    let bob_view = store.get_membership(thread, bob).await.unwrap();
+    assert_eq!(
+        (bob_view.read_seq, bob_view.delivered_seq),
+        (5, 5),
+        "read implies delivered"
+    );
+}
+
+pub(crate) async fn pages_come_from_either_end_of_a_range(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    for n in 0..10 {
+        append(store, text(thread, alice, &format!("p{n}")))
+            .await
+            .unwrap();
+    }
+    let seqs = |messages: Vec<pigeon_proto::Message>| {
+        messages.into_iter().map(|m| m.seq).collect::<Vec<_>>()
+    };
+    let range = SeqRange {
+        after: 2,
+        before: 9,
+    };
+    assert_eq!(
+        seqs(
+            store
+                .list_messages(thread, range, PageFrom::Oldest, 3)
+                .await
+                .unwrap()
+        ),
+        [3, 4, 5]
+    );
+    assert_eq!(
+        seqs(
+            store
+                .list_messages(thread, range, PageFrom::Newest, 3)
+                .await
+                .unwrap()
+        ),
+        [6, 7, 8]
+    );
+    let empty = store.list_messages(
+        thread,
+        SeqRange {
+            after: 10,
+            before: u64::MAX,
+        },
+        PageFrom::Oldest,
+        5,
+    );
+    assert!(empty.await.unwrap().is_empty());
+}
+
+pub(crate) async fn thread_list_is_most_recent_first_with_unread(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let carol = user(store, "carol").await;
+    let with_bob = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    let with_carol = store
+        .get_or_create_direct_thread(alice, carol)
+        .await
+        .unwrap();
+    append(store, text(with_bob, bob, "b1")).await.unwrap();
+    append(store, text(with_bob, bob, "b2")).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    append(store, text(with_carol, carol, "c1")).await.unwrap();
+
+    let threads = store.list_threads(alice).await.unwrap();
+    assert_eq!(threads.len(), 2);
+    assert_eq!(threads[0].thread_id, with_carol);
+    assert_eq!(threads[0].peer.as_ref().unwrap().username, "carol");
+    assert_eq!(
+        threads[0].last_message.as_ref().unwrap().client_msg_id,
+        "c1"
+    );
+    assert_eq!((threads[1].unread, threads[1].last_seq), (2, 2));
+    assert_eq!(threads[1].peer_read_seq, Some(2), "bob read what he sent");
+    assert!(store.list_threads(UserId::new()).await.unwrap().is_empty());
+}
+
+pub(crate) use store_suite;
