@@ -123,18 +123,15 @@ pub(crate) async fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiRe
 
 /// Parses a JSON body, answering a typed error when it does not fit.
 fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                "request body over the size limit",
-            )
-        } else {
-            ApiError::new(ErrorCode::InvalidField, rejection.body_text())
-        }
-    })?;
+    let body = body.map_err(body_rejection)?;
     serde_json::from_slice(&body).map_err(|error| {
-        let message = error.to_string();
+        // The client knows which body it sent; serde's position adds nothing.
+        let full = error.to_string();
+        let message = full
+            .split(" at line ")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         let code = if message.starts_with("missing field") {
             ErrorCode::MissingField
         } else {
@@ -142,6 +139,17 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiRe
         };
         ApiError::new(code, message)
     })
+}
+
+fn body_rejection(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            "request body over the size limit",
+        )
+    } else {
+        ApiError::new(ErrorCode::InvalidField, rejection.body_text())
+    }
 }
 
 fn check_auth_rate(state: &AppState, addr: SocketAddr) -> ApiResult<()> {
@@ -243,12 +251,10 @@ pub(crate) async fn rpc(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let mut caller = authenticate(&state, &headers).await?;
-    let body = body.map_err(|_| {
-        ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            "request body over the size limit",
-        )
-    })?;
+    if state.limits.rpc.check_key(&caller.device_id).is_err() {
+        return Err(ApiError::from(ChatError::RateLimited));
+    }
+    let body = body.map_err(body_rejection)?;
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::new(ErrorCode::InvalidField, "body is not UTF-8"))?;
     let frame = match ClientFrame::parse(text) {
@@ -263,12 +269,6 @@ pub(crate) async fn rpc(
             return Err(ApiError { code, message, id });
         }
     };
-    if state.limits.rpc.check_key(&caller.device_id).is_err() {
-        return Err(ApiError {
-            id: Some(frame.id().clone()),
-            ..ApiError::from(ChatError::RateLimited)
-        });
-    }
     // Events this request causes are not echoed to the device's own long-poll stream.
     caller.conn = state.polls.conn_of(caller.device_id);
     let answer = state.chat.handle(&caller, frame).await;

@@ -134,7 +134,7 @@ pub(crate) async fn poll(
         _ => None,
     };
     let Some(acked) = resumable else {
-        let session = open_session(&state, caller, current).await;
+        let session = open_session(&state, caller).await;
         return Ok(respond(&session.cursor(0), true, &[]));
     };
     let session = current.expect("resumable implies a session");
@@ -167,41 +167,36 @@ pub(crate) async fn poll(
         }
     }
 
-    let mut session_state = session.lock();
-    session_state.polls_in_flight -= 1;
-    session_state.last_poll = Instant::now();
-    if session_state.revoked {
-        return Err(ApiError::new(ErrorCode::Unauthorized, "device revoked"));
+    // The answer is built under the lock; nothing is awaited while holding it.
+    let answer = {
+        let mut session_state = session.lock();
+        session_state.polls_in_flight -= 1;
+        session_state.last_poll = Instant::now();
+        if session_state.revoked {
+            return Err(ApiError::new(ErrorCode::Unauthorized, "device revoked"));
+        }
+        (!session_state.overflowed).then(|| {
+            let page = session_state.events.iter().take(MAX_EVENTS_PER_POLL);
+            let last = page.clone().last().map_or(acked, |(number, _)| *number);
+            let events: Vec<&Utf8Bytes> = page.map(|(_, text)| text).collect();
+            respond(&session.cursor(last), false, &events)
+        })
+    };
+    match answer {
+        Some(answer) => Ok(answer),
+        None => {
+            // Events were lost from this stream: start a new one; the client syncs.
+            let fresh = open_session(&state, session.caller.clone()).await;
+            Ok(respond(&fresh.cursor(0), true, &[]))
+        }
     }
-    if session_state.overflowed {
-        // The next poll opens a new stream with reset: true.
-        let cursor = session.cursor(session_state.newest);
-        return Ok(respond(&cursor, false, &[]));
-    }
-    let events: Vec<&Utf8Bytes> = session_state
-        .events
-        .iter()
-        .take(MAX_EVENTS_PER_POLL)
-        .map(|(_, text)| text)
-        .collect();
-    let last = session_state
-        .events
-        .iter()
-        .take(MAX_EVENTS_PER_POLL)
-        .last()
-        .map_or(acked, |(number, _)| *number);
-    Ok(respond(&session.cursor(last), false, &events))
 }
 
 /// Opens a new stream for the caller's device, replacing any previous one.
-async fn open_session(
-    state: &AppState,
-    mut caller: Caller,
-    previous: Option<Arc<PollSession>>,
-) -> Arc<PollSession> {
-    if let Some(previous) = previous {
-        close_session(state, &previous).await;
-    }
+///
+/// Whoever takes a session out of `by_device` retires it, so each session is retired
+/// exactly once even when polls of one device race each other or the sweeper.
+async fn open_session(state: &AppState, mut caller: Caller) -> Arc<PollSession> {
     let conn = state.registry.next_conn_id();
     caller.conn = Some(conn);
     let mut stream = [0u8; 8];
@@ -221,10 +216,6 @@ async fn open_session(
         newest_tx: watch::Sender::new(0),
         caller: caller.clone(),
     });
-    state
-        .polls
-        .by_device
-        .insert(caller.device_id, session.clone());
     state.registry.add(
         caller.user_id,
         conn,
@@ -233,17 +224,32 @@ async fn open_session(
     );
     state.metrics.connections_open.increment(1.0);
     state.chat.connection_opened(&caller).await;
+    if let Some(previous) = state
+        .polls
+        .by_device
+        .insert(caller.device_id, session.clone())
+    {
+        retire(state, &previous).await;
+    }
     session
 }
 
+/// Closes a session if it is still the device's current one.
 async fn close_session(state: &AppState, session: &Arc<PollSession>) {
-    let caller = &session.caller;
-    state
+    let device_id = session.caller.device_id;
+    if state
         .polls
         .by_device
-        .remove_if(&caller.device_id, |_, current| {
-            Arc::ptr_eq(current, session)
-        });
+        .remove_if(&device_id, |_, current| Arc::ptr_eq(current, session))
+        .is_some()
+    {
+        retire(state, session).await;
+    }
+}
+
+/// Takes a session, already out of `by_device`, out of the registry and presence.
+async fn retire(state: &AppState, session: &Arc<PollSession>) {
+    let caller = &session.caller;
     state.registry.remove(caller.user_id, session.conn);
     state.metrics.connections_open.decrement(1.0);
     state.chat.connection_closed(caller).await;

@@ -40,8 +40,10 @@ pub(crate) async fn upgrade(
     };
     let limit = state.config.max_frame_bytes;
     let tasks = state.tasks.clone();
+    // Frames fed to the socket gather in the write buffer up to this size, so a backlog of
+    // events goes out in few writes; an idle socket keeps only what its largest batch used.
     ws.read_buffer_size(512)
-        .write_buffer_size(0)
+        .write_buffer_size(8 * 1024)
         .max_write_buffer_size(limit.max(64 * 1024) * 4)
         .max_message_size(limit)
         .max_frame_size(limit)
@@ -108,18 +110,20 @@ async fn await_hello(
     state: &AppState,
     socket: &mut WebSocket,
 ) -> Result<(Caller, Option<ReqId>), End> {
-    let first = match timeout(state.config.heartbeat_timeout, socket.recv()).await {
-        Err(_) => return Err(End::Close(close::HEARTBEAT_TIMEOUT, "no hello received")),
-        Ok(None | Some(Err(_))) => return Err(End::Gone),
-        Ok(Some(Ok(message))) => message,
+    let deadline = Instant::now() + state.config.heartbeat_timeout;
+    let text = loop {
+        match tokio::time::timeout_at(deadline, socket.recv()).await {
+            Err(_) => return Err(End::Close(close::HEARTBEAT_TIMEOUT, "no hello received")),
+            Ok(None | Some(Ok(Message::Close(_)))) => return Err(End::Gone),
+            Ok(Some(Err(error))) => return Err(read_error(error)),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(Some(Ok(Message::Text(text)))) => break text,
+            Ok(Some(Ok(Message::Binary(_)))) => {
+                return Err(End::Close(close::UNSUPPORTED_DATA, "frames are JSON text"));
+            }
+        }
     };
     state.metrics.frames_in.increment(1);
-    let Message::Text(text) = first else {
-        return Err(End::Close(
-            close::POLICY_VIOLATION,
-            "first frame must be hello",
-        ));
-    };
     let (id, token) = match ClientFrame::parse(&text) {
         Ok(ClientFrame::Hello { id, token }) => (id, token),
         Err(FrameError::NotJson) => {
@@ -167,8 +171,8 @@ async fn serve(
     let mut pending: Option<Answer<'_>> = None;
 
     loop {
+        // Unbiased: a steady stream of events must not starve answers or reads.
         tokio::select! {
-            biased;
             () = state.cancel.cancelled() => return End::Close(close::GOING_AWAY, "server shutting down"),
             outbound = queue_rx.next() => match outbound {
                 Some(Outbound::Frame(text)) => {
@@ -201,20 +205,22 @@ async fn serve(
                 };
                 deadline = Instant::now() + heartbeat;
                 state.metrics.frames_in.increment(1);
-                match ClientFrame::parse(&text) {
-                    Ok(frame) if limiter.check().is_err() => {
-                        let frame = error_frame(Some(frame.id().clone()), &ChatError::RateLimited);
-                        if send_frame(state, socket, &frame).await.is_err() {
-                            return End::Gone;
-                        }
+                // Every frame counts against the limit, well-formed or not.
+                let limited = limiter.check().is_err();
+                let answer = match ClientFrame::parse(&text) {
+                    Ok(frame) if limited => error_frame(Some(frame.id().clone()), &ChatError::RateLimited),
+                    Ok(frame) => {
+                        pending = Some(Box::pin(state.chat.handle(caller, frame)));
+                        continue;
                     }
-                    Ok(frame) => pending = Some(Box::pin(state.chat.handle(caller, frame))),
-                    Err(FrameError::NotJson) => return End::Close(close::INVALID_PAYLOAD, "frame is not a JSON object"),
-                    Err(FrameError::Invalid { id, code, message }) => {
-                        if send_frame(state, socket, &ServerFrame::Error { id, code, message }).await.is_err() {
-                            return End::Gone;
-                        }
+                    Err(FrameError::NotJson) => {
+                        return End::Close(close::INVALID_PAYLOAD, "frame is not a JSON object");
                     }
+                    Err(FrameError::Invalid { id, .. }) if limited => error_frame(id, &ChatError::RateLimited),
+                    Err(FrameError::Invalid { id, code, message }) => ServerFrame::Error { id, code, message },
+                };
+                if send_frame(state, socket, &answer).await.is_err() {
+                    return End::Gone;
                 }
             }
             () = sleep_until(deadline) => return End::Close(close::HEARTBEAT_TIMEOUT, "no frame within the heartbeat timeout"),

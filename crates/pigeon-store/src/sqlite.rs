@@ -308,13 +308,16 @@ impl Store for SqliteStore {
         let mut pair_key = [0u8; 32];
         pair_key[..16].copy_from_slice(low.as_bytes());
         pair_key[16..].copy_from_slice(high.as_bytes());
+        // The thread exists after the pair's first message: usually a read is enough.
+        if let Some(id) = self
+            .read(move |conn| find_direct_thread(conn, &pair_key))
+            .await?
+        {
+            return Ok(id);
+        }
         self.write(move |conn, _| {
-            let existing: Option<[u8; 16]> = conn
-                .prepare_cached("SELECT id FROM threads WHERE pair_key = ?1")?
-                .query_row([&pair_key[..]], |row| row.get(0))
-                .optional()?;
-            if let Some(id) = existing {
-                return Ok(ThreadId::from_bytes(id));
+            if let Some(id) = find_direct_thread(conn, &pair_key)? {
+                return Ok(id);
             }
             let id = ThreadId::new();
             let now = now_ms();
@@ -494,6 +497,8 @@ impl Store for SqliteStore {
 struct WriterState {
     /// `pigeon_messages_stored_total`, resolved once.
     stored: metrics::Counter,
+    /// Messages appended in the current transaction, counted once it commits.
+    appended_in_batch: u64,
     threads: HashMap<ThreadId, CachedThread>,
     /// Threads whose `last_seq` / `updated_at` changed in this batch.
     dirty_threads: HashSet<ThreadId>,
@@ -640,7 +645,7 @@ fn append(conn: &Connection, state: &mut WriterState, msg: NewMessage) -> Result
     state
         .read_markers
         .insert((msg.thread_id, msg.sender_id), next_seq);
-    state.stored.increment(1);
+    state.appended_in_batch += 1;
     Ok(Appended {
         message,
         duplicate: false,
@@ -651,6 +656,7 @@ fn append(conn: &Connection, state: &mut WriterState, msg: NewMessage) -> Result
 fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
     let mut state = WriterState {
         stored: metrics::counter!("pigeon_messages_stored_total"),
+        appended_in_batch: 0,
         threads: HashMap::new(),
         dirty_threads: HashSet::new(),
         read_markers: HashMap::new(),
@@ -681,10 +687,14 @@ fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
             &mut completions,
             &mut closed,
         );
-        if let Err(error) = &outcome {
-            tracing::error!(%error, jobs = completions.len(), "store transaction failed; nothing in it is acknowledged");
-            state.reset();
+        match &outcome {
+            Ok(()) => state.stored.increment(state.appended_in_batch),
+            Err(error) => {
+                tracing::error!(%error, jobs = completions.len(), "store transaction failed; nothing in it is acknowledged");
+                state.reset();
+            }
         }
+        state.appended_in_batch = 0;
         commit_seconds.record(started.elapsed().as_secs_f64());
         batch_size.record(completions.len() as f64);
         for completion in completions {
@@ -734,6 +744,14 @@ fn run_batch(
     state.flush(&tx)?;
     tx.commit()?;
     Ok(())
+}
+
+fn find_direct_thread(conn: &Connection, pair_key: &[u8; 32]) -> Result<Option<ThreadId>> {
+    let id: Option<[u8; 16]> = conn
+        .prepare_cached("SELECT id FROM threads WHERE pair_key = ?1")?
+        .query_row([&pair_key[..]], |row| row.get(0))
+        .optional()?;
+    Ok(id.map(ThreadId::from_bytes))
 }
 
 fn read_membership(conn: &Connection, thread_id: ThreadId, user_id: UserId) -> Result<Membership> {

@@ -345,6 +345,18 @@ impl Ws {
         }
     }
 
+    /// Returns every event that arrives within `for_how_long`.
+    pub(crate) async fn drain_events(&mut self, for_how_long: Duration) -> Vec<Value> {
+        let mut events: Vec<Value> = self.events.drain(..).collect();
+        let deadline = tokio::time::Instant::now() + for_how_long;
+        while let Ok(Some(Ok(Message::Text(text)))) =
+            tokio::time::timeout_at(deadline, self.stream.next()).await
+        {
+            events.push(serde_json::from_str(&text).expect("server sent JSON"));
+        }
+        events
+    }
+
     /// Reads the next text frame as JSON; None when the socket closes.
     pub(crate) async fn next_frame(&mut self) -> Option<Value> {
         loop {
