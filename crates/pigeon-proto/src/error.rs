@@ -35,8 +35,16 @@ pub enum ErrorCode {
     InvalidPassword,
     /// The username is already registered.
     UsernameTaken,
-    /// The request is not allowed for this caller.
+    /// The request is not allowed for this caller (e.g. their role is too low).
     Forbidden,
+    /// The other user blocked the caller.
+    Blocked,
+    /// A configured limit would be exceeded (group size, groups per user, lengths).
+    LimitExceeded,
+    /// There is no pending friend request to answer or cancel.
+    NoPendingRequest,
+    /// The group is closed: its last member left.
+    GroupClosed,
     /// Too many requests: slow down and retry later.
     RateLimited,
     /// The server cannot serve the request right now (storage down, shutting down): retry.
@@ -64,6 +72,10 @@ impl ErrorCode {
             Self::InvalidPassword => "invalid_password",
             Self::UsernameTaken => "username_taken",
             Self::Forbidden => "forbidden",
+            Self::Blocked => "blocked",
+            Self::LimitExceeded => "limit_exceeded",
+            Self::NoPendingRequest => "no_pending_request",
+            Self::GroupClosed => "group_closed",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",

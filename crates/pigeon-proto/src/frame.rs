@@ -4,7 +4,10 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DeviceId, ErrorCode, MessageId, ReqId, ThreadId, UserId};
+use crate::{
+    ContactInfo, DeviceId, ErrorCode, GroupInfo, MemberInfo, MessageId, ReqId, Role, SystemEvent,
+    ThreadId, ThreadSettings, UserEvent, UserId,
+};
 
 /// A frame sent by a client: a request, answered by a [`ServerFrame`] carrying the same `id`.
 ///
@@ -83,6 +86,9 @@ pub enum ClientFrame {
         /// Most messages in this page (default 500, at most 1000).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
+        /// The highest per-user event seq the client holds; events after it are returned.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        events_after: Option<u64>,
     },
     /// Lists the caller's conversations, most recent first, with the total unread.
     Threads {
@@ -108,6 +114,186 @@ pub enum ClientFrame {
         /// The device to revoke.
         device_id: DeviceId,
     },
+    /// Creates a group; the caller becomes its owner.
+    CreateGroup {
+        /// Request id.
+        id: ReqId,
+        /// Its title (1–128 characters).
+        title: String,
+        /// The other first members: usernames or user ids.
+        #[serde(default)]
+        members: Vec<String>,
+        /// Its topic.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
+        /// A reference to its avatar.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        avatar: Option<String>,
+        /// Whether new members see messages from before they joined (default false).
+        #[serde(default)]
+        share_history: bool,
+    },
+    /// Adds members to a group (admins and the owner).
+    AddMembers {
+        /// Request id.
+        id: ReqId,
+        /// The group.
+        thread_id: ThreadId,
+        /// Usernames or user ids (at most 1,000 per request).
+        members: Vec<String>,
+    },
+    /// Removes a member from a group (admins remove members; the owner removes anyone).
+    RemoveMember {
+        /// Request id.
+        id: ReqId,
+        /// The group.
+        thread_id: ThreadId,
+        /// A username or user id.
+        user: String,
+    },
+    /// Leaves a group.
+    LeaveGroup {
+        /// Request id.
+        id: ReqId,
+        /// The group.
+        thread_id: ThreadId,
+    },
+    /// Changes a group's title, topic, avatar or history visibility (admins and the owner).
+    UpdateGroup {
+        /// Request id.
+        id: ReqId,
+        /// The group.
+        thread_id: ThreadId,
+        /// New title.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
+        /// New topic; empty clears it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
+        /// New avatar reference; empty clears it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        avatar: Option<String>,
+        /// New history visibility for members who join from now on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        share_history: Option<bool>,
+    },
+    /// Promotes a member to admin or demotes an admin (the owner only).
+    SetRole {
+        /// Request id.
+        id: ReqId,
+        /// The group.
+        thread_id: ThreadId,
+        /// A username or user id.
+        user: String,
+        /// `admin` or `member`.
+        role: Role,
+    },
+    /// Hands ownership to another member; the caller becomes an admin (the owner only).
+    TransferOwnership {
+        /// Request id.
+        id: ReqId,
+        /// The group.
+        thread_id: ThreadId,
+        /// A username or user id.
+        user: String,
+    },
+    /// Returns a group's settings.
+    GroupInfo {
+        /// Request id.
+        id: ReqId,
+        /// The group.
+        thread_id: ThreadId,
+    },
+    /// Lists a group's members, in user id order, a page at a time.
+    GroupMembers {
+        /// Request id.
+        id: ReqId,
+        /// The group.
+        thread_id: ThreadId,
+        /// Only members with a higher user id (the last one of the previous page).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<UserId>,
+        /// Page size (default 200, at most 1,000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Finds the caller's open groups whose members are exactly the caller plus `members`.
+    FindGroups {
+        /// Request id.
+        id: ReqId,
+        /// The other members: usernames or user ids.
+        members: Vec<String>,
+    },
+    /// Changes the caller's own settings for a thread; absent fields stay as they are.
+    ThreadSettings {
+        /// Request id.
+        id: ReqId,
+        /// The thread.
+        thread_id: ThreadId,
+        /// Mute (no push, out of the total unread).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        muted: Option<bool>,
+        /// Pin to the top.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pinned: Option<bool>,
+        /// Archive.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        archived: Option<bool>,
+        /// The caller's own name for the thread; empty clears it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nickname: Option<String>,
+    },
+    /// Tells the thread's other members the caller is (or stopped) typing. Never stored.
+    Typing {
+        /// Request id.
+        id: ReqId,
+        /// The thread.
+        thread_id: ThreadId,
+        /// True while typing; false when stopped.
+        #[serde(default = "default_true")]
+        active: bool,
+    },
+    /// Acts on a contact: friend requests, removal, blocking.
+    Contact {
+        /// Request id.
+        id: ReqId,
+        /// A username or user id.
+        user: String,
+        /// What to do.
+        action: ContactAction,
+    },
+    /// Sets (or clears, with null or empty) the caller's name for a contact.
+    SetAlias {
+        /// Request id.
+        id: ReqId,
+        /// A username or user id.
+        user: String,
+        /// The alias.
+        #[serde(default)]
+        alias: Option<String>,
+    },
+    /// Lists the caller's contact book, with presence where visible.
+    Contacts {
+        /// Request id.
+        id: ReqId,
+    },
+    /// Finds users by username prefix, to add them.
+    SearchUsers {
+        /// Request id.
+        id: ReqId,
+        /// The start of a username.
+        prefix: String,
+        /// Most results (default and maximum 20).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Sets the caller's privacy settings.
+    SetPrivacy {
+        /// Request id.
+        id: ReqId,
+        /// Hide last-seen from everyone.
+        hide_last_seen: bool,
+    },
 }
 
 impl ClientFrame {
@@ -123,9 +309,50 @@ impl ClientFrame {
             | Self::Threads { id }
             | Self::Presence { id, .. }
             | Self::Devices { id }
-            | Self::RevokeDevice { id, .. } => id,
+            | Self::RevokeDevice { id, .. }
+            | Self::CreateGroup { id, .. }
+            | Self::AddMembers { id, .. }
+            | Self::RemoveMember { id, .. }
+            | Self::LeaveGroup { id, .. }
+            | Self::UpdateGroup { id, .. }
+            | Self::SetRole { id, .. }
+            | Self::TransferOwnership { id, .. }
+            | Self::GroupInfo { id, .. }
+            | Self::GroupMembers { id, .. }
+            | Self::FindGroups { id, .. }
+            | Self::ThreadSettings { id, .. }
+            | Self::Typing { id, .. }
+            | Self::Contact { id, .. }
+            | Self::SetAlias { id, .. }
+            | Self::Contacts { id }
+            | Self::SearchUsers { id, .. }
+            | Self::SetPrivacy { id, .. } => id,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// What a `contact` request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContactAction {
+    /// Sends a friend request (accepts theirs if they already sent one).
+    Request,
+    /// Accepts their request.
+    Accept,
+    /// Declines their request.
+    Decline,
+    /// Withdraws the caller's request.
+    Cancel,
+    /// Ends a friendship.
+    Remove,
+    /// Blocks them: no direct messages, group adds, requests or presence from them.
+    Block,
+    /// Lifts a block.
+    Unblock,
 }
 
 /// Which per-member marker a `mark` request or a `receipt` event is about.
@@ -154,6 +381,8 @@ pub enum ThreadKind {
 pub enum MessageKind {
     /// Text written by a user.
     Text,
+    /// A membership or settings change, described by the message's `system` field.
+    System,
 }
 
 /// A stored message, as delivered in events, history and sync.
@@ -173,8 +402,11 @@ pub struct Message {
     pub client_msg_id: String,
     /// What it is.
     pub kind: MessageKind,
-    /// Its text.
+    /// Its text (empty for system messages).
     pub body: String,
+    /// What a system message records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<SystemEvent>,
     /// When the server committed it, in milliseconds since the Unix epoch.
     pub created_at: i64,
 }
@@ -207,6 +439,21 @@ pub struct ThreadSummary {
     pub unread: u64,
     /// Whether the caller muted the thread (muted threads are left out of the total unread).
     pub muted: bool,
+    /// Whether the caller pinned it.
+    pub pinned: bool,
+    /// Whether the caller archived it.
+    pub archived: bool,
+    /// The caller's own name for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nickname: Option<String>,
+    /// The group's settings (group threads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupInfo>,
+    /// The caller's role (group threads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// The caller sees messages after this seq (they joined then; 0 when they see all).
+    pub joined_seq: u64,
     /// The caller's read marker.
     pub read_seq: u64,
     /// The caller's delivered marker.
@@ -309,6 +556,15 @@ pub enum ServerFrame {
         messages: Vec<Message>,
         /// Whether another `sync` (with `have` advanced) is needed.
         more: bool,
+        /// Per-user events after `events_after` (only when it was given).
+        #[serde(default)]
+        events: Vec<UserEventRecord>,
+        /// The highest per-user event seq: pass it as `events_after` next time.
+        event_cursor: u64,
+        /// True when events after `events_after` are no longer kept: refetch `threads` and
+        /// `contacts` instead of replaying.
+        #[serde(default)]
+        events_reset: bool,
     },
     /// Answer to `threads`: the conversation list.
     Threads {
@@ -354,6 +610,74 @@ pub enum ServerFrame {
         /// Its new value.
         seq: u64,
     },
+    /// Answer to `create_group`, `update_group` and `group_info`.
+    Group {
+        /// Request id.
+        id: ReqId,
+        /// The group now.
+        group: GroupInfo,
+    },
+    /// Answer to `group_members`.
+    Members {
+        /// Request id.
+        id: ReqId,
+        /// The group.
+        thread_id: ThreadId,
+        /// A page of members, in user id order.
+        members: Vec<MemberInfo>,
+        /// Whether more follow (ask again with `after` = the last user id).
+        more: bool,
+    },
+    /// Answer to `find_groups`.
+    Groups {
+        /// Request id.
+        id: ReqId,
+        /// The matching groups.
+        groups: Vec<GroupInfo>,
+    },
+    /// Answer to `thread_settings`.
+    Settings {
+        /// Request id.
+        id: ReqId,
+        /// The thread.
+        thread_id: ThreadId,
+        /// The settings now.
+        settings: ThreadSettings,
+    },
+    /// Answer to `contact` and `set_alias`: the entry now.
+    Contact {
+        /// Request id.
+        id: ReqId,
+        /// The entry.
+        contact: ContactInfo,
+    },
+    /// Answer to `contacts`.
+    Contacts {
+        /// Request id.
+        id: ReqId,
+        /// The contact book.
+        contacts: Vec<ContactInfo>,
+    },
+    /// Answer to `search_users`.
+    Users {
+        /// Request id.
+        id: ReqId,
+        /// Users whose username starts with the prefix.
+        users: Vec<UserRef>,
+    },
+    /// Event: a member is typing in a thread (or stopped). Show it for at most `expires_ms`.
+    Typing {
+        /// The thread.
+        thread_id: ThreadId,
+        /// Who.
+        user_id: UserId,
+        /// False when they stopped.
+        active: bool,
+        /// Milliseconds after which to hide it unless refreshed.
+        expires_ms: u64,
+    },
+    /// Event: a change to the user's own state, from the per-user event log.
+    UserEvent(UserEventRecord),
     /// A request failed. The connection stays usable.
     Error {
         /// Request id, when the request had a readable one.
@@ -364,6 +688,15 @@ pub enum ServerFrame {
         /// What went wrong, for people.
         message: String,
     },
+}
+
+/// One entry of a user's event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserEventRecord {
+    /// Its position in the user's log: 1, 2, 3…
+    pub seq: u64,
+    /// What happened.
+    pub event: UserEvent,
 }
 
 /// The body of a long-poll answer (`GET /v1/events`). `events` are server frames.
@@ -392,6 +725,7 @@ mod tests {
             client_msg_id: "c1".into(),
             kind: MessageKind::Text,
             body: "hi".into(),
+            system: None,
             created_at: 1,
         };
         let value = serde_json::to_value(ServerFrame::Message(msg.clone())).unwrap();
@@ -424,7 +758,8 @@ mod tests {
             ClientFrame::Sync {
                 id: ReqId::Str("s".into()),
                 have: HashMap::new(),
-                limit: None
+                limit: None,
+                events_after: None,
             }
         );
     }

@@ -9,15 +9,19 @@
 mod error;
 mod frame;
 mod ids;
+mod model;
 mod parse;
 mod validate;
 
 pub use error::{ErrorCode, close};
 pub use frame::{
-    ClientFrame, DeviceInfo, MarkKind, Message, MessageKind, PollResponse, ServerFrame, ThreadKind,
-    ThreadSummary, UserRef,
+    ClientFrame, ContactAction, DeviceInfo, MarkKind, Message, MessageKind, PollResponse,
+    ServerFrame, ThreadKind, ThreadSummary, UserEventRecord, UserRef,
 };
 pub use ids::{DeviceId, IdParseError, MessageId, ReqId, ThreadId, UserId};
+pub use model::{
+    ContactInfo, ContactState, GroupInfo, MemberInfo, Role, SystemEvent, ThreadSettings, UserEvent,
+};
 pub use parse::FrameError;
 pub use validate::{
     MAX_CLIENT_MSG_ID_LEN, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN, UserSpec, validate_client_msg_id,

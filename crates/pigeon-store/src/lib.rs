@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pigeon_proto::{
-    DeviceId, MarkKind, Message, MessageKind, ThreadId, ThreadKind, ThreadSummary, UserId,
+    ContactAction, ContactInfo, DeviceId, GroupInfo, MarkKind, MemberInfo, Message, MessageKind,
+    Role, ThreadId, ThreadKind, ThreadSettings, ThreadSummary, UserEventRecord, UserId, UserRef,
 };
 
 pub use sqlite::{SqliteConfig, SqliteStore};
@@ -34,6 +35,27 @@ pub enum StoreError {
     /// The backend cannot serve requests now (closed, disk full, busy); retrying may work.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The caller's role does not allow the change.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// The other user blocked the caller.
+    #[error("blocked")]
+    Blocked,
+    /// A limit would be exceeded.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// The group is closed.
+    #[error("group is closed")]
+    GroupClosed,
+    /// A user named in the request does not exist.
+    #[error("unknown user")]
+    UnknownUser,
+    /// The user the change is about is not a member of the thread.
+    #[error("user is not a member of the thread")]
+    TargetNotMember,
+    /// There is no pending friend request in the needed direction.
+    #[error("no pending friend request")]
+    NoPendingRequest,
     /// Anything else; a bug or corruption.
     #[error("storage failure: {0}")]
     Internal(String),
@@ -52,6 +74,8 @@ pub struct User {
     pub created_at: i64,
     /// When the user was last connected (ms).
     pub last_seen_at: Option<i64>,
+    /// Whether the user hides last-seen from everyone.
+    pub hide_last_seen: bool,
 }
 
 /// A logged-in device: one session token.
@@ -97,8 +121,116 @@ pub struct Appended {
     pub members: Arc<[UserId]>,
 }
 
+/// Called with a result as its transaction commits, in commit order; must not block.
+pub type Hook<T> = Box<dyn FnOnce(&T) + Send>;
+
 /// Called with a message as its transaction commits (see [`Store::append_message`]).
-pub type CommitHook = Box<dyn FnOnce(&Appended) + Send>;
+pub type CommitHook = Hook<Appended>;
+
+/// Who makes a group change: the user and the device (the system message's sender).
+#[derive(Debug, Clone, Copy)]
+pub struct Actor {
+    /// The user.
+    pub user_id: UserId,
+    /// Their device.
+    pub device_id: DeviceId,
+}
+
+/// A group to create.
+#[derive(Debug, Clone)]
+pub struct NewGroup {
+    /// Title.
+    pub title: String,
+    /// Topic.
+    pub topic: Option<String>,
+    /// Avatar reference.
+    pub avatar: Option<String>,
+    /// Whether new members see earlier messages.
+    pub share_history: bool,
+    /// The other first members.
+    pub members: Vec<UserId>,
+}
+
+/// Limits checked inside the transaction that changes membership.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupLimits {
+    /// Most members in a group.
+    pub max_members: u32,
+    /// Most groups a user may belong to.
+    pub max_groups_per_user: u32,
+}
+
+/// A change to a group.
+#[derive(Debug, Clone)]
+pub enum GroupChange {
+    /// Add these users (admins and the owner).
+    AddMembers(Vec<UserId>),
+    /// Remove this member (admins remove members; the owner anyone).
+    RemoveMember(UserId),
+    /// The actor leaves.
+    Leave,
+    /// Change shared settings (admins and the owner); `Some("")` clears topic or avatar.
+    Update {
+        /// New title.
+        title: Option<String>,
+        /// New topic.
+        topic: Option<String>,
+        /// New avatar.
+        avatar: Option<String>,
+        /// New history visibility.
+        share_history: Option<bool>,
+    },
+    /// Make a member an admin or a plain member (the owner only).
+    SetRole(UserId, Role),
+    /// Hand ownership over (the owner only).
+    TransferOwnership(UserId),
+}
+
+/// What a group change did.
+#[derive(Debug, Clone)]
+pub struct GroupChanged {
+    /// The group after the change.
+    pub group: GroupInfo,
+    /// The system message recording it (none when nothing changed).
+    pub message: Option<Message>,
+    /// Who gets the system message: the members after the change, plus anyone removed.
+    pub recipients: Arc<[UserId]>,
+    /// Per-user events written (joined, left), to publish to those users.
+    pub user_events: Vec<(UserId, UserEventRecord)>,
+}
+
+/// A partial change of a member's own thread settings.
+#[derive(Debug, Clone, Default)]
+pub struct SettingsPatch {
+    /// Mute.
+    pub muted: Option<bool>,
+    /// Pin.
+    pub pinned: Option<bool>,
+    /// Archive.
+    pub archived: Option<bool>,
+    /// Nickname; `Some("")` clears it.
+    pub nickname: Option<String>,
+}
+
+/// What a contact action did.
+#[derive(Debug, Clone)]
+pub struct ContactChanged {
+    /// The owner's entry now.
+    pub contact: ContactInfo,
+    /// Per-user events written, to publish to those users (the peer's only when they may know).
+    pub user_events: Vec<(UserId, UserEventRecord)>,
+}
+
+/// A page of a user's event log.
+#[derive(Debug, Clone)]
+pub struct UserEventsPage {
+    /// Events after the requested seq, in order.
+    pub events: Vec<UserEventRecord>,
+    /// The user's highest event seq.
+    pub last_seq: u64,
+    /// True when some events after the requested seq are no longer kept.
+    pub reset: bool,
+}
 
 /// A user's membership of a thread, with the thread's head.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +245,8 @@ pub struct Membership {
     pub read_seq: u64,
     /// Delivered marker.
     pub delivered_seq: u64,
+    /// Role (groups).
+    pub role: Role,
 }
 
 /// The result of [`Store::set_marker`].
@@ -120,6 +254,8 @@ pub struct Membership {
 pub struct MarkerUpdate {
     /// The marker's value after the update (markers never move back).
     pub seq: u64,
+    /// The user's own `read` event, when a read marker moved.
+    pub user_event: Option<UserEventRecord>,
     /// Whether it moved.
     pub changed: bool,
     /// Current members of the thread, to notify.
@@ -178,8 +314,15 @@ pub trait Store: Send + Sync + 'static {
     async fn get_or_create_direct_thread(&self, a: UserId, b: UserId) -> Result<ThreadId>;
     /// Returns a user's membership of a thread: `ThreadNotFound`, `NotMember`, or the membership.
     async fn get_membership(&self, thread_id: ThreadId, user_id: UserId) -> Result<Membership>;
-    /// Lists the users sharing at least one thread with `user_id`.
-    async fn list_thread_peers(&self, user_id: UserId) -> Result<Vec<UserId>>;
+    /// Lists the users who may see `user_id`'s presence: friends and users sharing a
+    /// thread, minus users `user_id` blocked.
+    async fn list_presence_audience(&self, user_id: UserId) -> Result<Vec<UserId>>;
+    /// Whether `viewer` may see `target`'s presence: a friend or thread peer not blocked by them.
+    async fn can_see_presence(&self, viewer: UserId, target: UserId) -> Result<bool>;
+    /// Whether `blocker` blocked `blocked`.
+    async fn is_blocked(&self, blocker: UserId, blocked: UserId) -> Result<bool>;
+    /// Returns the current members of a thread.
+    async fn get_members(&self, thread_id: ThreadId) -> Result<Arc<[UserId]>>;
 
     /// Appends a message with the thread's next seq, or returns the message first stored
     /// under the same (sender, client_msg_id). Moves the sender's read marker to it.
@@ -206,6 +349,71 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<MarkerUpdate>;
     /// Lists a user's threads, most recently updated first.
     async fn list_threads(&self, user_id: UserId) -> Result<Vec<ThreadSummary>>;
+
+    /// Creates a group with its first system message; `on_commit` runs in commit order.
+    async fn create_group(
+        &self,
+        creator: Actor,
+        group: NewGroup,
+        limits: GroupLimits,
+        on_commit: Hook<GroupChanged>,
+    ) -> Result<GroupChanged>;
+    /// Applies a membership or settings change to a group, checking the actor's role,
+    /// and records it as a system message; `on_commit` runs in commit order.
+    async fn change_group(
+        &self,
+        actor: Actor,
+        thread_id: ThreadId,
+        change: GroupChange,
+        limits: GroupLimits,
+        on_commit: Hook<GroupChanged>,
+    ) -> Result<GroupChanged>;
+    /// Returns a group's settings.
+    async fn get_group(&self, thread_id: ThreadId) -> Result<GroupInfo>;
+    /// Lists a group's members in user id order, after `after`.
+    async fn list_members(
+        &self,
+        thread_id: ThreadId,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<MemberInfo>>;
+    /// Lists the open groups whose members are exactly `members`.
+    async fn find_groups(&self, members: Vec<UserId>) -> Result<Vec<GroupInfo>>;
+    /// Changes a member's own settings for a thread.
+    async fn set_thread_settings(
+        &self,
+        user_id: UserId,
+        thread_id: ThreadId,
+        patch: SettingsPatch,
+    ) -> Result<(ThreadSettings, UserEventRecord)>;
+
+    /// Applies a contact action of `owner` towards `peer`.
+    async fn contact_action(
+        &self,
+        owner: UserId,
+        peer: UserId,
+        action: ContactAction,
+    ) -> Result<ContactChanged>;
+    /// Sets `owner`'s alias for `peer`.
+    async fn set_alias(
+        &self,
+        owner: UserId,
+        peer: UserId,
+        alias: Option<String>,
+    ) -> Result<ContactChanged>;
+    /// Lists `owner`'s contact book (presence not included).
+    async fn list_contacts(&self, owner: UserId) -> Result<Vec<ContactInfo>>;
+    /// Finds users whose username starts with `prefix`, leaving out those who blocked `viewer`.
+    async fn search_users(&self, viewer: UserId, prefix: &str, limit: u32) -> Result<Vec<UserRef>>;
+    /// Sets whether `user_id` hides last-seen.
+    async fn set_privacy(&self, user_id: UserId, hide_last_seen: bool) -> Result<UserEventRecord>;
+    /// Lists `user_id`'s events after `after` (at most `limit`).
+    async fn list_user_events(
+        &self,
+        user_id: UserId,
+        after: u64,
+        limit: u32,
+    ) -> Result<UserEventsPage>;
 
     /// Finishes pending writes and stops accepting new ones.
     async fn close(&self);

@@ -6,7 +6,11 @@ use std::sync::{Arc, Mutex};
 use futures::future::join_all;
 use pigeon_proto::{DeviceId, MarkKind, MessageKind, ThreadId, UserId};
 
-use crate::{NewMessage, PageFrom, SeqRange, Store, StoreError};
+use crate::{
+    Actor, GroupChange, GroupLimits, NewGroup, NewMessage, PageFrom, SeqRange, SettingsPatch,
+    Store, StoreError,
+};
+use pigeon_proto::{ContactAction, ContactState, Role, SystemEvent, UserEvent};
 
 /// Generates one `#[tokio::test]` per suite function, each on a fresh store from `$open`,
 /// an expression giving `(Arc<dyn Store>, guard)`; the guard lives as long as the test.
@@ -23,6 +27,9 @@ macro_rules! store_suite {
             markers_only_move_forward,
             pages_come_from_either_end_of_a_range,
             thread_list_is_most_recent_first_with_unread,
+            groups_record_changes_as_system_messages,
+            blocks_stop_direct_messages_and_group_adds,
+            user_events_replay_settings_changes,
         );
     };
     (@tests $open:expr; $($name:ident),+ $(,)?) => {
@@ -138,7 +145,7 @@ pub(crate) async fn one_direct_thread_per_pair(store: &dyn Store) {
         .await
         .unwrap();
     assert_ne!(&other, ids[0].as_ref().unwrap());
-    let peers = store.list_thread_peers(alice).await.unwrap();
+    let peers = store.list_presence_audience(alice).await.unwrap();
     assert_eq!(peers.len(), 2);
     assert!(peers.contains(&bob) && peers.contains(&carol));
 }
@@ -360,3 +367,204 @@ pub(crate) async fn thread_list_is_most_recent_first_with_unread(store: &dyn Sto
 }
 
 pub(crate) use store_suite;
+
+const LIMITS: GroupLimits = GroupLimits {
+    max_members: 4,
+    max_groups_per_user: 10,
+};
+
+fn actor(user_id: UserId) -> Actor {
+    Actor {
+        user_id,
+        device_id: DeviceId::new(),
+    }
+}
+
+pub(crate) async fn groups_record_changes_as_system_messages(store: &dyn Store) {
+    let owner = user(store, "owner").await;
+    let admin = user(store, "admin").await;
+    let member = user(store, "member").await;
+    let late = user(store, "late").await;
+    let extra = user(store, "extra").await;
+    let group = NewGroup {
+        title: "team".into(),
+        topic: None,
+        avatar: None,
+        share_history: false,
+        members: vec![admin, member],
+    };
+    let created = store
+        .create_group(actor(owner), group, LIMITS, Box::new(|_| {}))
+        .await
+        .unwrap();
+    let thread = created.group.thread_id;
+    assert_eq!(created.group.member_count, 3);
+    assert!(matches!(
+        created.message.unwrap().system,
+        Some(SystemEvent::Created { .. })
+    ));
+    assert_eq!(
+        created.user_events.len(),
+        3,
+        "every member's devices learn they joined"
+    );
+
+    let change = |who, what| store.change_group(actor(who), thread, what, LIMITS, Box::new(|_| {}));
+    assert!(matches!(
+        change(member, GroupChange::AddMembers(vec![late])).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    assert!(matches!(
+        change(admin, GroupChange::SetRole(member, Role::Admin)).await,
+        Err(StoreError::Forbidden(_))
+    ));
+    change(owner, GroupChange::SetRole(admin, Role::Admin))
+        .await
+        .unwrap();
+    append(store, text(thread, member, "before late"))
+        .await
+        .unwrap();
+    let added = change(admin, GroupChange::AddMembers(vec![late]))
+        .await
+        .unwrap();
+    let added_seq = added.message.unwrap().seq;
+    assert_eq!(
+        store.get_membership(thread, late).await.unwrap().joined_seq,
+        added_seq - 1
+    );
+    assert!(
+        matches!(
+            change(admin, GroupChange::AddMembers(vec![extra])).await,
+            Err(StoreError::LimitExceeded(_))
+        ),
+        "4 members at most"
+    );
+    assert!(matches!(
+        change(admin, GroupChange::RemoveMember(owner)).await,
+        Err(StoreError::Forbidden(_))
+    ));
+
+    // The owner leaves: the admin (longest-standing admin) becomes owner.
+    let left = change(owner, GroupChange::Leave).await.unwrap();
+    assert_eq!(
+        left.message.unwrap().system,
+        Some(SystemEvent::MemberLeft {
+            new_owner: Some(admin)
+        })
+    );
+    assert!(
+        left.recipients.contains(&owner),
+        "the leaver sees their own leave"
+    );
+    assert_eq!(
+        store.get_membership(thread, admin).await.unwrap().role,
+        Role::Owner
+    );
+    for who in [admin, member, late] {
+        change(who, GroupChange::Leave).await.unwrap();
+    }
+    let group = store.get_group(thread).await.unwrap();
+    assert!(group.closed && group.member_count == 0);
+}
+
+pub(crate) async fn blocks_stop_direct_messages_and_group_adds(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    let request = store
+        .contact_action(alice, bob, ContactAction::Request)
+        .await
+        .unwrap();
+    assert_eq!(request.contact.state, Some(ContactState::Requested));
+    assert_eq!(request.user_events.len(), 2, "bob hears of the request");
+    let accepted = store
+        .contact_action(bob, alice, ContactAction::Accept)
+        .await
+        .unwrap();
+    assert_eq!(accepted.contact.state, Some(ContactState::Friend));
+
+    let blocked = store
+        .contact_action(bob, alice, ContactAction::Block)
+        .await
+        .unwrap();
+    assert_eq!(blocked.user_events.len(), 1, "alice is not told");
+    assert!(store.is_blocked(bob, alice).await.unwrap());
+    assert!(matches!(
+        append(store, text(thread, alice, "hi")).await,
+        Err(StoreError::Blocked)
+    ));
+    append(store, text(thread, bob, "bob may still write"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .contact_action(alice, bob, ContactAction::Request)
+            .await,
+        Err(StoreError::Blocked)
+    ));
+    let group = NewGroup {
+        title: "g".into(),
+        topic: None,
+        avatar: None,
+        share_history: false,
+        members: vec![bob],
+    };
+    assert!(matches!(
+        store
+            .create_group(actor(alice), group, LIMITS, Box::new(|_| {}))
+            .await,
+        Err(StoreError::Blocked)
+    ));
+    assert!(!store.can_see_presence(alice, bob).await.unwrap());
+    assert!(
+        store.can_see_presence(bob, alice).await.unwrap(),
+        "they share a thread"
+    );
+
+    store
+        .contact_action(bob, alice, ContactAction::Unblock)
+        .await
+        .unwrap();
+    append(store, text(thread, alice, "hi again"))
+        .await
+        .unwrap();
+}
+
+pub(crate) async fn user_events_replay_settings_changes(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    let patch = SettingsPatch {
+        muted: Some(true),
+        nickname: Some("B".into()),
+        ..SettingsPatch::default()
+    };
+    let (settings, record) = store
+        .set_thread_settings(alice, thread, patch)
+        .await
+        .unwrap();
+    assert!(settings.muted && !settings.pinned);
+    assert_eq!(record.seq, 1);
+    let patch = SettingsPatch {
+        pinned: Some(true),
+        nickname: Some(String::new()),
+        ..SettingsPatch::default()
+    };
+    let (settings, _) = store
+        .set_thread_settings(alice, thread, patch)
+        .await
+        .unwrap();
+    assert!(settings.muted && settings.pinned && settings.nickname.is_none());
+
+    let page = store.list_user_events(alice, 0, 100).await.unwrap();
+    assert_eq!(page.events.len(), 2);
+    assert_eq!(page.last_seq, 2);
+    assert!(!page.reset);
+    assert!(
+        matches!(&page.events[1].event, UserEvent::ThreadSettings { settings, .. } if settings.pinned)
+    );
+    let later = store.list_user_events(alice, 2, 100).await.unwrap();
+    assert!(later.events.is_empty());
+    let list = store.list_threads(alice).await.unwrap();
+    assert!(list[0].muted && list[0].pinned);
+}

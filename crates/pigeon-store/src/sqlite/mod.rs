@@ -15,16 +15,20 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use deadpool_sqlite::{Pool, Runtime};
 use pigeon_proto::{
-    DeviceId, MarkKind, Message, MessageId, MessageKind, ThreadId, ThreadKind, ThreadSummary,
-    UserId, UserRef,
+    ContactAction, ContactInfo, ContactState, DeviceId, GroupInfo, MarkKind, MemberInfo, Message,
+    MessageId, MessageKind, Role, ThreadId, ThreadKind, ThreadSettings, ThreadSummary, UserEvent,
+    UserEventRecord, UserId, UserRef,
 };
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Appended, CommitHook, Device, MarkerUpdate, Membership, NewMessage, PageFrom, Result, SeqRange,
-    Store, StoreError, User,
+    Actor, Appended, CommitHook, ContactChanged, Device, GroupChange, GroupChanged, GroupLimits,
+    Hook, MarkerUpdate, Membership, NewGroup, NewMessage, PageFrom, Result, SeqRange,
+    SettingsPatch, Store, StoreError, User, UserEventsPage,
 };
+
+mod social;
 
 mod embedded {
     refinery::embed_migrations!("migrations/sqlite");
@@ -173,6 +177,7 @@ impl Store for SqliteStore {
             password_hash: password_hash.to_owned(),
             created_at: now_ms(),
             last_seen_at: None,
+            hide_last_seen: false,
         };
         self.write(move |conn, _| {
             conn.prepare_cached(
@@ -188,7 +193,7 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             Ok(conn
                 .prepare_cached(
-                    "SELECT id, username, password_hash, created_at, last_seen_at FROM users WHERE id = ?1",
+                    "SELECT id, username, password_hash, created_at, last_seen_at, hide_last_seen FROM users WHERE id = ?1",
                 )?
                 .query_row([id.as_bytes()], user_from_row)
                 .optional()?)
@@ -201,7 +206,7 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             Ok(conn
                 .prepare_cached(
-                    "SELECT id, username, password_hash, created_at, last_seen_at FROM users WHERE username = ?1",
+                    "SELECT id, username, password_hash, created_at, last_seen_at, hide_last_seen FROM users WHERE username = ?1",
                 )?
                 .query_row([username], user_from_row)
                 .optional()?)
@@ -252,7 +257,7 @@ impl Store for SqliteStore {
             Ok(conn
                 .prepare_cached(
                     "SELECT d.id, d.user_id, d.name, d.created_at, d.last_seen_at,
-                            u.id, u.username, u.password_hash, u.created_at, u.last_seen_at
+                            u.id, u.username, u.password_hash, u.created_at, u.last_seen_at, u.hide_last_seen
                      FROM devices d JOIN users u ON u.id = d.user_id
                      WHERE d.token_hash = ?1",
                 )?
@@ -264,6 +269,7 @@ impl Store for SqliteStore {
                         password_hash: row.get(7)?,
                         created_at: row.get(8)?,
                         last_seen_at: row.get(9)?,
+                        hide_last_seen: row.get(10)?,
                     };
                     Ok((device, user))
                 })
@@ -341,17 +347,59 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn list_thread_peers(&self, user_id: UserId) -> Result<Vec<UserId>> {
+    async fn list_presence_audience(&self, user_id: UserId) -> Result<Vec<UserId>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT DISTINCT p.user_id FROM members m
+                "SELECT p.user_id FROM members m
                  JOIN members p ON p.thread_id = m.thread_id AND p.user_id != m.user_id
-                 WHERE m.user_id = ?1",
+                 WHERE m.user_id = ?1
+                 UNION
+                 SELECT peer_id FROM contacts WHERE owner_id = ?1 AND state = 'friend'
+                 EXCEPT
+                 SELECT peer_id FROM contacts WHERE owner_id = ?1 AND blocked = 1",
             )?;
             let rows = stmt.query_map([user_id.as_bytes()], |row| {
                 Ok(UserId::from_bytes(row.get(0)?))
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn can_see_presence(&self, viewer: UserId, target: UserId) -> Result<bool> {
+        if viewer == target {
+            return Ok(true);
+        }
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT NOT EXISTS (SELECT 1 FROM contacts WHERE owner_id = ?1 AND peer_id = ?2 AND blocked = 1)
+                        AND (EXISTS (SELECT 1 FROM contacts WHERE owner_id = ?1 AND peer_id = ?2 AND state = 'friend')
+                             OR EXISTS (SELECT 1 FROM members a JOIN members b ON b.thread_id = a.thread_id AND b.user_id = ?2
+                                        WHERE a.user_id = ?1))",
+                )?
+                .query_row(params![target.as_bytes(), viewer.as_bytes()], |row| row.get(0))?)
+        })
+        .await
+    }
+
+    async fn is_blocked(&self, blocker: UserId, blocked: UserId) -> Result<bool> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM contacts WHERE owner_id = ?1 AND peer_id = ?2 AND blocked = 1)")?
+                .query_row(params![blocker.as_bytes(), blocked.as_bytes()], |row| row.get(0))?)
+        })
+        .await
+    }
+
+    async fn get_members(&self, thread_id: ThreadId) -> Result<Arc<[UserId]>> {
+        self.read(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT user_id FROM members WHERE thread_id = ?1")?;
+            let rows = stmt.query_map([thread_id.as_bytes()], |row| {
+                Ok(UserId::from_bytes(row.get(0)?))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?.into())
         })
         .await
     }
@@ -419,7 +467,7 @@ impl Store for SqliteStore {
                 MarkKind::Delivered => delivered,
             }));
             if seq <= current {
-                return Ok(MarkerUpdate { seq: current, changed: false, members });
+                return Ok(MarkerUpdate { seq: current, changed: false, members, user_event: None });
             }
             let sql = match kind {
                 MarkKind::Read => {
@@ -432,7 +480,11 @@ impl Store for SqliteStore {
             };
             conn.prepare_cached(sql)?
                 .execute(params![thread_id.as_bytes(), user_id.as_bytes(), to_i64(seq)])?;
-            Ok(MarkerUpdate { seq, changed: true, members })
+            let user_event = match kind {
+                MarkKind::Read => Some(social::append_user_event(conn, user_id, UserEvent::Read { thread_id, seq })?),
+                MarkKind::Delivered => None,
+            };
+            Ok(MarkerUpdate { seq, changed: true, members, user_event })
         })
         .await
     }
@@ -441,7 +493,9 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT t.id, t.kind, t.last_seq, t.updated_at,
-                        m.last_read_seq, m.last_delivered_seq, m.muted,
+                        m.last_read_seq, m.last_delivered_seq, m.muted, m.pinned, m.archived, m.nickname,
+                        m.role, m.joined_seq,
+                        t.title, t.topic, t.avatar, t.share_history, t.member_count, t.closed,
                         p.user_id, u.username, p.last_read_seq, p.last_delivered_seq,
                         msg.id, msg.thread_id, msg.seq, msg.sender_id, msg.sender_device_id,
                         msg.client_msg_id, msg.kind, msg.body, msg.created_at
@@ -449,37 +503,246 @@ impl Store for SqliteStore {
                  JOIN threads t ON t.id = m.thread_id
                  LEFT JOIN members p ON t.kind = 'direct' AND p.thread_id = t.id AND p.user_id != m.user_id
                  LEFT JOIN users u ON u.id = p.user_id
-                 LEFT JOIN messages msg ON msg.thread_id = t.id AND msg.seq = t.last_seq
+                 LEFT JOIN messages msg ON msg.thread_id = t.id AND msg.seq = t.last_seq AND t.last_seq > m.joined_seq
                  WHERE m.user_id = ?1
                  ORDER BY t.updated_at DESC, t.id",
             )?;
             let rows = stmt.query_map([user_id.as_bytes()], |row| {
+                let thread_id = ThreadId::from_bytes(row.get(0)?);
+                let kind = thread_kind(&row.get::<_, String>(1)?);
                 let last_seq = to_u64(row.get(2)?);
-                let read_seq = to_u64(row.get(4)?);
-                let peer = match row.get::<_, Option<[u8; 16]>>(7)? {
-                    Some(id) => Some(UserRef { user_id: UserId::from_bytes(id), username: row.get(8)? }),
+                let joined_seq = to_u64(row.get(11)?);
+                // Markers start at joined_seq, so unread never counts what the member cannot see.
+                let read_seq = to_u64(row.get(4)?).max(joined_seq);
+                let peer = match row.get::<_, Option<[u8; 16]>>(18)? {
+                    Some(id) => Some(UserRef { user_id: UserId::from_bytes(id), username: row.get(19)? }),
                     None => None,
                 };
-                let last_message = match row.get::<_, Option<[u8; 16]>>(11)? {
-                    Some(_) => Some(message_from_row_at(row, 11)?),
+                let last_message = match row.get::<_, Option<[u8; 16]>>(22)? {
+                    Some(_) => Some(message_from_row_at(row, 22)?),
                     None => None,
+                };
+                let group = match kind {
+                    ThreadKind::Group => Some(GroupInfo {
+                        thread_id,
+                        title: row.get::<_, Option<String>>(12)?.unwrap_or_default(),
+                        topic: row.get(13)?,
+                        avatar: row.get(14)?,
+                        share_history: row.get(15)?,
+                        member_count: u32::try_from(row.get::<_, i64>(16)?).unwrap_or(0),
+                        closed: row.get(17)?,
+                    }),
+                    ThreadKind::Direct => None,
                 };
                 Ok(ThreadSummary {
-                    thread_id: ThreadId::from_bytes(row.get(0)?),
-                    kind: thread_kind(&row.get::<_, String>(1)?),
-                    peer_read_seq: peer.as_ref().map(|_| row.get::<_, i64>(9)).transpose()?.map(to_u64),
-                    peer_delivered_seq: peer.as_ref().map(|_| row.get::<_, i64>(10)).transpose()?.map(to_u64),
+                    thread_id,
+                    kind,
+                    peer_read_seq: peer.as_ref().map(|_| row.get::<_, i64>(20)).transpose()?.map(to_u64),
+                    peer_delivered_seq: peer.as_ref().map(|_| row.get::<_, i64>(21)).transpose()?.map(to_u64),
                     peer,
                     last_seq,
                     last_message,
                     unread: last_seq.saturating_sub(read_seq),
                     muted: row.get(6)?,
+                    pinned: row.get(7)?,
+                    archived: row.get(8)?,
+                    nickname: row.get(9)?,
+                    role: group.as_ref().map(|_| row.get::<_, String>(10)).transpose()?.map(|r| Role::parse(&r)),
+                    group,
+                    joined_seq,
                     read_seq,
-                    delivered_seq: to_u64(row.get(5)?),
+                    delivered_seq: to_u64(row.get(5)?).max(joined_seq),
                     updated_at: row.get(3)?,
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn create_group(
+        &self,
+        creator: Actor,
+        group: NewGroup,
+        limits: GroupLimits,
+        on_commit: Hook<GroupChanged>,
+    ) -> Result<GroupChanged> {
+        self.write_then(
+            move |conn, state| social::create_group(conn, state, creator, group, limits),
+            on_commit,
+        )
+        .await
+    }
+
+    async fn change_group(
+        &self,
+        actor: Actor,
+        thread_id: ThreadId,
+        change: GroupChange,
+        limits: GroupLimits,
+        on_commit: Hook<GroupChanged>,
+    ) -> Result<GroupChanged> {
+        self.write_then(
+            move |conn, state| social::change_group(conn, state, actor, thread_id, change, limits),
+            on_commit,
+        )
+        .await
+    }
+
+    async fn get_group(&self, thread_id: ThreadId) -> Result<GroupInfo> {
+        self.read(move |conn| social::read_group(conn, thread_id))
+            .await
+    }
+
+    async fn list_members(
+        &self,
+        thread_id: ThreadId,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<MemberInfo>> {
+        self.read(move |conn| {
+            let after = after.map(|id| *id.as_bytes()).unwrap_or([0u8; 16]);
+            let mut stmt = conn.prepare_cached(
+                "SELECT m.user_id, u.username, m.role, m.joined_at FROM members m JOIN users u ON u.id = m.user_id
+                 WHERE m.thread_id = ?1 AND m.user_id > ?2 ORDER BY m.user_id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![thread_id.as_bytes(), &after[..], limit], |row| {
+                Ok(MemberInfo {
+                    user_id: UserId::from_bytes(row.get(0)?),
+                    username: row.get(1)?,
+                    role: Role::parse(&row.get::<_, String>(2)?),
+                    joined_at: row.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn find_groups(&self, members: Vec<UserId>) -> Result<Vec<GroupInfo>> {
+        let hash = social::participants_hash(&members);
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id FROM threads WHERE participants_hash = ?1 AND kind = 'group' AND closed = 0 ORDER BY updated_at DESC",
+            )?;
+            let ids = stmt
+                .query_map([&hash[..]], |row| Ok(ThreadId::from_bytes(row.get(0)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            ids.into_iter().map(|id| social::read_group(conn, id)).collect()
+        })
+        .await
+    }
+
+    async fn set_thread_settings(
+        &self,
+        user_id: UserId,
+        thread_id: ThreadId,
+        patch: SettingsPatch,
+    ) -> Result<(ThreadSettings, UserEventRecord)> {
+        self.write(move |conn, state| {
+            social::set_thread_settings(conn, state, user_id, thread_id, patch)
+        })
+        .await
+    }
+
+    async fn contact_action(
+        &self,
+        owner: UserId,
+        peer: UserId,
+        action: ContactAction,
+    ) -> Result<ContactChanged> {
+        self.write(move |conn, state| social::contact_action(conn, state, owner, peer, action))
+            .await
+    }
+
+    async fn set_alias(
+        &self,
+        owner: UserId,
+        peer: UserId,
+        alias: Option<String>,
+    ) -> Result<ContactChanged> {
+        self.write(move |conn, _| social::set_alias(conn, owner, peer, alias))
+            .await
+    }
+
+    async fn list_contacts(&self, owner: UserId) -> Result<Vec<ContactInfo>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT c.peer_id, u.username, c.state, c.blocked, c.alias, u.last_seen_at, u.hide_last_seen
+                 FROM contacts c JOIN users u ON u.id = c.peer_id
+                 WHERE c.owner_id = ?1 ORDER BY u.username",
+            )?;
+            let rows = stmt.query_map([owner.as_bytes()], |row| {
+                let state = row.get::<_, Option<String>>(2)?.as_deref().and_then(ContactState::parse);
+                let hidden: bool = row.get(6)?;
+                Ok(ContactInfo {
+                    user_id: UserId::from_bytes(row.get(0)?),
+                    username: row.get(1)?,
+                    state,
+                    blocked: row.get(3)?,
+                    alias: row.get(4)?,
+                    online: None,
+                    // Last seen goes to friends only, and never when hidden.
+                    last_seen: if state == Some(ContactState::Friend) && !hidden { row.get(5)? } else { None },
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn search_users(&self, viewer: UserId, prefix: &str, limit: u32) -> Result<Vec<UserRef>> {
+        // Usernames are [a-z0-9_.-]; '{' sorts right after 'z', closing the prefix range.
+        let low = prefix.to_owned();
+        let high = format!("{prefix}{{");
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT u.id, u.username FROM users u
+                 WHERE u.username >= ?1 AND u.username < ?2 AND u.id != ?3
+                   AND NOT EXISTS (SELECT 1 FROM contacts c WHERE c.owner_id = u.id AND c.peer_id = ?3 AND c.blocked = 1)
+                 ORDER BY u.username LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![low, high, viewer.as_bytes(), limit], |row| {
+                Ok(UserRef { user_id: UserId::from_bytes(row.get(0)?), username: row.get(1)? })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn set_privacy(&self, user_id: UserId, hide_last_seen: bool) -> Result<UserEventRecord> {
+        self.write(move |conn, _| social::set_privacy(conn, user_id, hide_last_seen))
+            .await
+    }
+
+    async fn list_user_events(
+        &self,
+        user_id: UserId,
+        after: u64,
+        limit: u32,
+    ) -> Result<UserEventsPage> {
+        self.read(move |conn| {
+            let (oldest, last): (Option<i64>, Option<i64>) = conn
+                .prepare_cached("SELECT min(seq), max(seq) FROM user_events WHERE user_id = ?1")?
+                .query_row([user_id.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            let last_seq = to_u64(last.unwrap_or(0));
+            let oldest = to_u64(oldest.unwrap_or(0));
+            // Pruned events between the client's cursor and the oldest kept one: reset.
+            let reset = oldest > after + 1 && last_seq > after;
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, body FROM user_events WHERE user_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let events = stmt
+                .query_map(params![user_id.as_bytes(), to_i64(after), limit], |row| {
+                    Ok((to_u64(row.get(0)?), row.get::<_, String>(1)?))
+                })?
+                .map(|row| {
+                    let (seq, body) = row?;
+                    let event = serde_json::from_str(&body).map_err(|e| StoreError::Internal(format!("user event: {e}")))?;
+                    Ok(UserEventRecord { seq, event })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(UserEventsPage { events, last_seq, reset })
         })
         .await
     }
@@ -504,10 +767,14 @@ struct WriterState {
     dirty_threads: HashSet<ThreadId>,
     /// Senders' read markers to move in this batch: (thread, user) → seq.
     read_markers: HashMap<(ThreadId, UserId), u64>,
+    /// Every block, as (blocker, blocked): checked on each direct send and group add.
+    blocks: HashSet<(UserId, UserId)>,
 }
 
 #[derive(Clone)]
 struct CachedThread {
+    kind: ThreadKind,
+    closed: bool,
     last_seq: u64,
     updated_at: i64,
     members: Arc<[UserId]>,
@@ -519,11 +786,16 @@ impl WriterState {
         match self.threads.entry(thread_id) {
             Entry::Occupied(entry) => Ok(entry.into_mut()),
             Entry::Vacant(entry) => {
-                let head: Option<(i64, i64)> = conn
-                    .prepare_cached("SELECT last_seq, updated_at FROM threads WHERE id = ?1")?
-                    .query_row([thread_id.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+                let head: Option<(String, bool, i64, i64)> = conn
+                    .prepare_cached(
+                        "SELECT kind, closed, last_seq, updated_at FROM threads WHERE id = ?1",
+                    )?
+                    .query_row([thread_id.as_bytes()], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                    })
                     .optional()?;
-                let (last_seq, updated_at) = head.ok_or(StoreError::ThreadNotFound)?;
+                let (kind, closed, last_seq, updated_at) =
+                    head.ok_or(StoreError::ThreadNotFound)?;
                 let mut stmt =
                     conn.prepare_cached("SELECT user_id FROM members WHERE thread_id = ?1")?;
                 let members = stmt
@@ -532,6 +804,8 @@ impl WriterState {
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 Ok(entry.insert(CachedThread {
+                    kind: thread_kind(&kind),
+                    closed,
                     last_seq: to_u64(last_seq),
                     updated_at,
                     members: members.into(),
@@ -574,11 +848,28 @@ impl WriterState {
         Ok(())
     }
 
+    /// Replaces a cached thread's member list after a membership change.
+    fn set_members(&mut self, thread_id: ThreadId, members: Arc<[UserId]>) {
+        if let Some(thread) = self.threads.get_mut(&thread_id) {
+            thread.members = members;
+        }
+    }
+
+    fn close_thread(&mut self, thread_id: ThreadId) {
+        if let Some(thread) = self.threads.get_mut(&thread_id) {
+            thread.closed = true;
+        }
+    }
+
     /// Forgets everything not known to be committed (after a failed transaction).
-    fn reset(&mut self) {
+    fn reset(&mut self, conn: &Connection) {
         self.threads.clear();
         self.dirty_threads.clear();
         self.read_markers.clear();
+        match load_blocks(conn) {
+            Ok(blocks) => self.blocks = blocks,
+            Err(error) => tracing::error!(%error, "reloading blocks"),
+        }
     }
 }
 
@@ -587,8 +878,18 @@ fn append(conn: &Connection, state: &mut WriterState, msg: NewMessage) -> Result
     if !thread.members.contains(&msg.sender_id) {
         return Err(StoreError::NotMember);
     }
+    if thread.closed {
+        return Err(StoreError::GroupClosed);
+    }
     let members = thread.members.clone();
-    let next_seq = thread.last_seq + 1;
+    // A user who blocked the sender gets no direct messages from them.
+    if thread.kind == ThreadKind::Direct
+        && members
+            .iter()
+            .any(|peer| *peer != msg.sender_id && state.blocks.contains(&(*peer, msg.sender_id)))
+    {
+        return Err(StoreError::Blocked);
+    }
 
     let existing = conn
         .prepare_cached(
@@ -609,16 +910,50 @@ fn append(conn: &Connection, state: &mut WriterState, msg: NewMessage) -> Result
             members,
         });
     }
+    let message = insert_message(
+        conn,
+        state,
+        msg.thread_id,
+        msg.sender_id,
+        msg.sender_device_id,
+        msg.client_msg_id,
+        msg.kind,
+        msg.body,
+    )?;
+    state
+        .read_markers
+        .insert((msg.thread_id, msg.sender_id), message.seq);
+    Ok(Appended {
+        message,
+        duplicate: false,
+        members,
+    })
+}
 
+/// Inserts a message with the thread's next seq and advances the cached head.
+/// The thread must be in the cache already.
+#[allow(clippy::too_many_arguments)]
+fn insert_message(
+    conn: &Connection,
+    state: &mut WriterState,
+    thread_id: ThreadId,
+    sender_id: UserId,
+    sender_device_id: DeviceId,
+    client_msg_id: String,
+    kind: MessageKind,
+    body: String,
+) -> Result<Message> {
+    let next_seq = state.thread(conn, thread_id)?.last_seq + 1;
     let message = Message {
-        thread_id: msg.thread_id,
+        thread_id,
         seq: next_seq,
         message_id: MessageId::new(),
-        sender_id: msg.sender_id,
-        sender_device_id: msg.sender_device_id,
-        client_msg_id: msg.client_msg_id,
-        kind: msg.kind,
-        body: msg.body,
+        sender_id,
+        sender_device_id,
+        client_msg_id,
+        kind,
+        body,
+        system: None,
         created_at: now_ms(),
     };
     conn.prepare_cached(
@@ -636,21 +971,24 @@ fn append(conn: &Connection, state: &mut WriterState, msg: NewMessage) -> Result
         message.body,
         message.created_at,
     ])?;
-
     // Only now that every statement succeeded does the job touch the cache.
-    let thread = state.threads.get_mut(&msg.thread_id).expect("loaded above");
+    let thread = state.threads.get_mut(&thread_id).expect("loaded above");
     thread.last_seq = next_seq;
     thread.updated_at = message.created_at;
-    state.dirty_threads.insert(msg.thread_id);
-    state
-        .read_markers
-        .insert((msg.thread_id, msg.sender_id), next_seq);
+    state.dirty_threads.insert(thread_id);
     state.appended_in_batch += 1;
-    Ok(Appended {
-        message,
-        duplicate: false,
-        members,
-    })
+    Ok(message)
+}
+
+fn load_blocks(conn: &Connection) -> Result<HashSet<(UserId, UserId)>> {
+    let mut stmt = conn.prepare("SELECT owner_id, peer_id FROM contacts WHERE blocked = 1")?;
+    let rows = stmt.query_map([], |row| {
+        Ok((
+            UserId::from_bytes(row.get(0)?),
+            UserId::from_bytes(row.get(1)?),
+        ))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<HashSet<_>>>()?)
 }
 
 fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
@@ -660,7 +998,9 @@ fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
         threads: HashMap::new(),
         dirty_threads: HashSet::new(),
         read_markers: HashMap::new(),
+        blocks: HashSet::new(),
     };
+    state.reset(&conn);
     let commit_seconds = metrics::histogram!("pigeon_store_commit_seconds");
     let batch_size = metrics::histogram!("pigeon_store_batch_size");
     let mut closed: Option<oneshot::Sender<()>> = None;
@@ -691,7 +1031,7 @@ fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
             Ok(()) => state.stored.increment(state.appended_in_batch),
             Err(error) => {
                 tracing::error!(%error, jobs = completions.len(), "store transaction failed; nothing in it is acknowledged");
-                state.reset();
+                state.reset(&conn);
             }
         }
         state.appended_in_batch = 0;
@@ -757,7 +1097,7 @@ fn find_direct_thread(conn: &Connection, pair_key: &[u8; 32]) -> Result<Option<T
 fn read_membership(conn: &Connection, thread_id: ThreadId, user_id: UserId) -> Result<Membership> {
     let row = conn
         .prepare_cached(
-            "SELECT t.kind, t.last_seq, m.joined_seq, m.last_read_seq, m.last_delivered_seq, m.user_id IS NOT NULL
+            "SELECT t.kind, t.last_seq, m.joined_seq, m.last_read_seq, m.last_delivered_seq, m.user_id IS NOT NULL, m.role
              FROM threads t LEFT JOIN members m ON m.thread_id = t.id AND m.user_id = ?2
              WHERE t.id = ?1",
         )?
@@ -770,6 +1110,7 @@ fn read_membership(conn: &Connection, thread_id: ThreadId, user_id: UserId) -> R
                     joined_seq: to_u64(row.get(2)?),
                     read_seq: to_u64(row.get(3)?),
                     delivered_seq: to_u64(row.get(4)?),
+                    role: Role::parse(&row.get::<_, String>(6)?),
                 })
             }))
         })
@@ -788,6 +1129,7 @@ fn user_from_row(row: &Row<'_>) -> rusqlite::Result<User> {
         password_hash: row.get(2)?,
         created_at: row.get(3)?,
         last_seen_at: row.get(4)?,
+        hide_last_seen: row.get(5)?,
     })
 }
 
@@ -808,6 +1150,13 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
 /// Reads the 9 message columns starting at `at`, in the order
 /// id, thread_id, seq, sender_id, sender_device_id, client_msg_id, kind, body, created_at.
 fn message_from_row_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Message> {
+    let kind = message_kind(row.get_ref(at + 6)?.as_str()?);
+    let body: String = row.get(at + 7)?;
+    // A system message's body is its event as JSON; on the wire it is the `system` field.
+    let (body, system) = match kind {
+        MessageKind::System => (String::new(), serde_json::from_str(&body).ok()),
+        MessageKind::Text => (body, None),
+    };
     Ok(Message {
         message_id: MessageId::from_bytes(row.get(at)?),
         thread_id: ThreadId::from_bytes(row.get(at + 1)?),
@@ -815,20 +1164,25 @@ fn message_from_row_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Message> {
         sender_id: UserId::from_bytes(row.get(at + 3)?),
         sender_device_id: DeviceId::from_bytes(row.get(at + 4)?),
         client_msg_id: row.get(at + 5)?,
-        kind: message_kind(row.get_ref(at + 6)?.as_str()?),
-        body: row.get(at + 7)?,
+        kind,
+        body,
+        system,
         created_at: row.get(at + 8)?,
     })
 }
 
-fn message_kind(_stored: &str) -> MessageKind {
-    // Only text exists so far; new kinds get their own arm.
-    MessageKind::Text
+fn message_kind(stored: &str) -> MessageKind {
+    if stored == "system" {
+        MessageKind::System
+    } else {
+        MessageKind::Text
+    }
 }
 
 fn message_kind_str(kind: MessageKind) -> &'static str {
     match kind {
         MessageKind::Text => "text",
+        MessageKind::System => "system",
     }
 }
 
