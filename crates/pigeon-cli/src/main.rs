@@ -53,6 +53,18 @@ struct ServeArgs {
     /// Register and login attempts per second per client address.
     #[arg(long, env = "PIGEON_AUTH_RATE_LIMIT", default_value_t = 10)]
     auth_rate_limit: u32,
+    /// Most members in a group.
+    #[arg(long, env = "PIGEON_MAX_GROUP_MEMBERS", default_value_t = 10_000)]
+    max_group_members: u32,
+    /// Most groups a user may belong to.
+    #[arg(long, env = "PIGEON_MAX_GROUPS_PER_USER", default_value_t = 500)]
+    max_groups_per_user: u32,
+    /// Argon2id memory cost for new password hashes, in KiB (OWASP's minimum is 19,456).
+    #[arg(long, env = "PIGEON_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024)]
+    argon2_memory_kib: u32,
+    /// Argon2id iterations for new password hashes.
+    #[arg(long, env = "PIGEON_ARGON2_ITERATIONS", default_value_t = 2)]
+    argon2_iterations: u32,
 }
 
 fn positive_seconds(text: &str) -> Result<f64, String> {
@@ -82,6 +94,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         chat: ChatConfig {
             max_body_bytes: args.max_body_bytes,
+            max_group_members: args.max_group_members,
+            max_groups_per_user: args.max_groups_per_user,
+            argon2_memory_kib: args.argon2_memory_kib,
+            argon2_iterations: args.argon2_iterations,
             ..ChatConfig::default()
         },
         gateway: GatewayConfig {

@@ -131,13 +131,21 @@ impl ChatService {
     }
 
     async fn hash_password(&self, password: String) -> Result<String> {
+        let params = argon2::Params::new(
+            self.config.argon2_memory_kib,
+            self.config.argon2_iterations,
+            1,
+            None,
+        )
+        .map_err(|e| ChatError::Internal(format!("argon2 parameters: {e}")))?;
+        let hasher = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let _permit = self
             .hashing
             .acquire()
             .await
             .map_err(|e| ChatError::Internal(e.to_string()))?;
         tokio::task::spawn_blocking(move || {
-            Argon2::default()
+            hasher
                 .hash_password(password.as_bytes())
                 .map(|hash| hash.to_string())
                 .map_err(|e| ChatError::Internal(format!("hash password: {e}")))

@@ -51,6 +51,15 @@ pub enum ChatError {
     /// The request is not allowed.
     #[error("{0}")]
     Forbidden(&'static str),
+    /// The other user blocked the caller.
+    #[error("blocked")]
+    Blocked,
+    /// A limit would be exceeded.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// There is no pending request to answer.
+    #[error("no pending friend request")]
+    NoPendingRequest,
     /// Too many requests.
     #[error("too many requests; slow down")]
     RateLimited,
@@ -83,7 +92,17 @@ impl ChatError {
             Self::UsernameTaken => ErrorCode::UsernameTaken,
             Self::InvalidCredentials => ErrorCode::InvalidCredentials,
             Self::Unauthorized => ErrorCode::Unauthorized,
-            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::Forbidden(_) | Self::Store(StoreError::Forbidden(_)) => ErrorCode::Forbidden,
+            Self::Blocked | Self::Store(StoreError::Blocked) => ErrorCode::Blocked,
+            Self::LimitExceeded(_) | Self::Store(StoreError::LimitExceeded(_)) => {
+                ErrorCode::LimitExceeded
+            }
+            Self::NoPendingRequest | Self::Store(StoreError::NoPendingRequest) => {
+                ErrorCode::NoPendingRequest
+            }
+            Self::Store(StoreError::GroupClosed) => ErrorCode::GroupClosed,
+            Self::Store(StoreError::UnknownUser) => ErrorCode::UnknownUser,
+            Self::Store(StoreError::TargetNotMember) => ErrorCode::NotMember,
             Self::RateLimited => ErrorCode::RateLimited,
             Self::Store(StoreError::Unavailable(_)) | Self::Bus(BusError::Unavailable(_)) => {
                 ErrorCode::Unavailable

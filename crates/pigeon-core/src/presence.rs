@@ -77,7 +77,7 @@ impl ChatService {
         let result: Result<()> = async {
             let peers: Vec<UserId> = self
                 .store
-                .list_thread_peers(caller.user_id)
+                .list_presence_audience(caller.user_id)
                 .await?
                 .into_iter()
                 .filter(|peer| self.presence.is_online(*peer))
@@ -107,11 +107,17 @@ impl ChatService {
         let last_seen = if online {
             None
         } else {
-            self.store
+            let user = self
+                .store
                 .get_user(user_id)
                 .await?
-                .ok_or(ChatError::UnknownUser)?
-                .last_seen_at
+                .ok_or(ChatError::UnknownUser)?;
+            // Hidden last-seen is hidden from everyone.
+            if user.hide_last_seen {
+                None
+            } else {
+                user.last_seen_at
+            }
         };
         Ok(ServerFrame::Presence {
             id,

@@ -13,7 +13,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::service::encode;
 
-/// What the publishing task is given.
+/// What the publishing task is given. Nearly every item is a message, so boxing it would
+/// only add an allocation per message.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Item {
     /// A committed message, for the thread's members except the sending connection.
     Committed {

@@ -18,6 +18,18 @@ pub struct ChatConfig {
     pub max_body_bytes: usize,
     /// Password hashes computed at once (each takes ~19 MiB and a core for ~20 ms).
     pub max_concurrent_hashes: usize,
+    /// Argon2id memory cost in KiB (OWASP: 19,456) and iterations (2).
+    pub argon2_memory_kib: u32,
+    /// Argon2id iterations.
+    pub argon2_iterations: u32,
+    /// Most members in a group.
+    pub max_group_members: u32,
+    /// Most groups a user may belong to.
+    pub max_groups_per_user: u32,
+    /// Longest group title, in characters.
+    pub max_title_chars: usize,
+    /// Longest group topic, in characters.
+    pub max_topic_chars: usize,
 }
 
 impl Default for ChatConfig {
@@ -25,6 +37,12 @@ impl Default for ChatConfig {
         Self {
             max_body_bytes: 16 * 1024,
             max_concurrent_hashes: 2,
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            max_group_members: 10_000,
+            max_groups_per_user: 500,
+            max_title_chars: 128,
+            max_topic_chars: 1024,
         }
     }
 }
@@ -50,6 +68,9 @@ pub struct ChatService {
     pub(crate) presence: Presence,
     pub(crate) publisher: Publisher,
     pub(crate) hashing: Semaphore,
+    pub(crate) typing: crate::commands::TypingThrottle,
+    /// `search_users` per user: enumeration of usernames is slowed down.
+    pub(crate) search_limit: governor::DefaultKeyedRateLimiter<UserId>,
 }
 
 impl ChatService {
@@ -58,6 +79,11 @@ impl ChatService {
         Arc::new(Self {
             publisher: Publisher::start(bus.clone()),
             hashing: Semaphore::new(config.max_concurrent_hashes.max(1)),
+            typing: crate::commands::TypingThrottle::default(),
+            search_limit: governor::RateLimiter::keyed(
+                governor::Quota::per_second(std::num::NonZeroU32::new(2).expect("nonzero"))
+                    .allow_burst(std::num::NonZeroU32::new(10).expect("nonzero")),
+            ),
             presence: Presence::default(),
             store,
             bus,
@@ -104,6 +130,27 @@ impl ChatService {
             })
             .await?;
         Ok(())
+    }
+
+    /// Publishes per-user events to their users' devices.
+    pub(crate) async fn publish_user_events(
+        &self,
+        events: Vec<(UserId, pigeon_proto::UserEventRecord)>,
+    ) {
+        for (user, record) in events {
+            let frame = ServerFrame::UserEvent(record);
+            if let Err(error) = self.publish(Arc::from(vec![user]), None, &frame).await {
+                tracing::warn!(%error, "publishing a user event failed; sync recovers it");
+            }
+        }
+    }
+
+    /// The store's limits for group changes.
+    pub(crate) fn group_limits(&self) -> pigeon_store::GroupLimits {
+        pigeon_store::GroupLimits {
+            max_members: self.config.max_group_members,
+            max_groups_per_user: self.config.max_groups_per_user,
+        }
     }
 
     /// Waits until every committed message has been handed to the bus, then closes the store.

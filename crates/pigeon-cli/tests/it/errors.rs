@@ -192,7 +192,8 @@ async fn bad_or_revoked_tokens_are_refused() {
 
 #[tokio::test]
 async fn accounts_reject_bad_input_with_typed_errors() {
-    let server = Server::start(&[]);
+    // Production hashing cost here (19 MiB, 2 iterations), as `pigeon serve` runs by default.
+    let server = Server::start(&["--argon2-memory-kib", "19456", "--argon2-iterations", "2"]);
     let http = reqwest::Client::new();
     let post = |path: &str, body: Value| http.post(server.url(path)).json(&body).send();
     let cases = [

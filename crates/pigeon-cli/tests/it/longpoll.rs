@@ -43,7 +43,7 @@ async fn long_poll_delivers_the_socket_events_in_the_same_order() {
     }
     a.request(json!({"type": "mark", "thread_id": thread_id, "kind": "read", "seq": 20}))
         .await;
-    b.request(json!({"type": "mark", "thread_id": thread_id, "kind": "delivered", "seq": 20}))
+    b.request(json!({"type": "mark", "thread_id": thread_id, "kind": "read", "seq": 20}))
         .await;
 
     let mut from_socket = Vec::new();
@@ -64,19 +64,15 @@ async fn long_poll_delivers_the_socket_events_in_the_same_order() {
         .collect();
     assert_eq!(polled_messages, from_socket, "same frames, same order");
 
-    // The bob-socket's delivered receipt reaches the poller too (its other device).
+    // Bob's read marker, moved on his socket, reaches his polling device as a user event.
     let more = poll(&server, &bob_poller, Some(&cursor), 5).await;
-    let receipts: Vec<&Value> = from_poll
+    let markers: Vec<&Value> = from_poll
         .iter()
         .chain(more["events"].as_array().unwrap())
-        .filter(|e| e["type"] == "receipt")
+        .filter(|e| e["type"] == "user_event" && e["event"]["kind"] == "read")
         .collect();
-    assert!(
-        receipts
-            .iter()
-            .any(|r| r["kind"] == "delivered" && r["user_id"] == bob_socket.user_id.as_str()),
-        "{receipts:?}"
-    );
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    assert_eq!(markers[0]["event"]["seq"], 20);
 
     // Re-polling the same cursor returns the same events again (until acknowledged).
     let old_cursor = cursor.clone();

@@ -3,8 +3,10 @@
 mod support;
 
 mod chat;
+mod contacts;
 mod crash;
 mod errors;
+mod groups;
 mod longpoll;
 mod presence;
 mod sync;

@@ -20,6 +20,21 @@ pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
 pub(crate) const PASSWORD: &str = "correct horse";
 
+/// Settings every test server gets unless the test sets them: a generous login rate, and
+/// cheap password hashing (the production cost is covered by the accounts test).
+fn test_defaults(args: &[String]) -> Vec<&'static str> {
+    let defaults = [
+        ("--auth-rate-limit", "1000"),
+        ("--argon2-memory-kib", "64"),
+        ("--argon2-iterations", "1"),
+    ];
+    defaults
+        .iter()
+        .filter(|(flag, _)| !args.iter().any(|a| a == flag))
+        .flat_map(|(flag, value)| [*flag, *value])
+        .collect()
+}
+
 /// A `pigeon serve` process with its own data folder.
 pub(crate) struct Server {
     child: Child,
@@ -42,11 +57,7 @@ impl Server {
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(data_dir.path())
-            .args(if args.iter().any(|a| a == "--auth-rate-limit") {
-                &[][..]
-            } else {
-                &["--auth-rate-limit", "1000"][..]
-            })
+            .args(test_defaults(&args))
             .args(&args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

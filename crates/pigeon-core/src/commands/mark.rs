@@ -1,4 +1,5 @@
-//! `mark`: move a delivered or read marker; members and the user's other devices get a receipt.
+//! `mark`: move a delivered or read marker; other members get a receipt, the user's devices
+//! a `read` user event.
 
 use pigeon_proto::{MarkKind, ReqId, ServerFrame, ThreadId};
 
@@ -17,13 +18,24 @@ pub(crate) async fn execute(
         .set_marker(thread_id, caller.user_id, kind, seq)
         .await?;
     if update.changed {
+        // The other members get a receipt; the user's own devices get the logged event.
+        let others: Vec<_> = update
+            .members
+            .iter()
+            .copied()
+            .filter(|m| *m != caller.user_id)
+            .collect();
         let receipt = ServerFrame::Receipt {
             thread_id,
             user_id: caller.user_id,
             kind,
             seq: update.seq,
         };
-        chat.publish(update.members, caller.conn, &receipt).await?;
+        chat.publish(others.into(), caller.conn, &receipt).await?;
+        if let Some(record) = update.user_event {
+            chat.publish_user_events(vec![(caller.user_id, record)])
+                .await;
+        }
     }
     Ok(ServerFrame::Ok { id })
 }

@@ -1,14 +1,21 @@
 //! One file per request type; [`execute`] dispatches a frame to its command.
 
+mod contacts;
 mod devices;
+mod group;
 mod history;
 mod mark;
 mod presence;
 mod send;
+mod settings;
 mod sync;
 mod threads;
+mod typing;
+
+pub(crate) use typing::TypingThrottle;
 
 use pigeon_proto::{ClientFrame, ServerFrame};
+use pigeon_store::{GroupChange, SettingsPatch};
 
 use crate::{Caller, ChatError, ChatService, Result, now_ms};
 
@@ -72,14 +79,121 @@ pub(crate) async fn execute(
             )
             .await
         }
-        ClientFrame::Sync { id, have, limit } => {
-            sync::execute(chat, caller, id, &have, limit).await
-        }
+        ClientFrame::Sync {
+            id,
+            have,
+            limit,
+            events_after,
+        } => sync::execute(chat, caller, id, &have, limit, events_after).await,
         ClientFrame::Threads { id } => threads::execute(chat, caller, id).await,
-        ClientFrame::Presence { id, user } => presence::execute(chat, id, &user).await,
+        ClientFrame::Presence { id, user } => presence::execute(chat, caller, id, &user).await,
         ClientFrame::Devices { id } => devices::list(chat, caller, id).await,
         ClientFrame::RevokeDevice { id, device_id } => {
             devices::revoke(chat, caller, id, device_id).await
+        }
+        ClientFrame::CreateGroup {
+            id,
+            title,
+            members,
+            topic,
+            avatar,
+            share_history,
+        } => {
+            group::create(
+                chat,
+                caller,
+                group::Create {
+                    id,
+                    title,
+                    members,
+                    topic,
+                    avatar,
+                    share_history,
+                },
+            )
+            .await
+        }
+        ClientFrame::AddMembers {
+            id,
+            thread_id,
+            members,
+        } => group::add(chat, caller, id, thread_id, &members).await,
+        ClientFrame::RemoveMember {
+            id,
+            thread_id,
+            user,
+        } => group::remove(chat, caller, id, thread_id, &user).await,
+        ClientFrame::LeaveGroup { id, thread_id } => {
+            group::change(chat, caller, id, thread_id, GroupChange::Leave).await
+        }
+        ClientFrame::UpdateGroup {
+            id,
+            thread_id,
+            title,
+            topic,
+            avatar,
+            share_history,
+        } => {
+            let change = GroupChange::Update {
+                title,
+                topic,
+                avatar,
+                share_history,
+            };
+            group::change(chat, caller, id, thread_id, change).await
+        }
+        ClientFrame::SetRole {
+            id,
+            thread_id,
+            user,
+            role,
+        } => group::set_role(chat, caller, id, thread_id, &user, role).await,
+        ClientFrame::TransferOwnership {
+            id,
+            thread_id,
+            user,
+        } => group::transfer(chat, caller, id, thread_id, &user).await,
+        ClientFrame::GroupInfo { id, thread_id } => group::info(chat, caller, id, thread_id).await,
+        ClientFrame::GroupMembers {
+            id,
+            thread_id,
+            after,
+            limit,
+        } => group::members(chat, caller, id, thread_id, after, limit).await,
+        ClientFrame::FindGroups { id, members } => group::find(chat, caller, id, &members).await,
+        ClientFrame::ThreadSettings {
+            id,
+            thread_id,
+            muted,
+            pinned,
+            archived,
+            nickname,
+        } => {
+            let patch = SettingsPatch {
+                muted,
+                pinned,
+                archived,
+                nickname,
+            };
+            settings::thread(chat, caller, id, thread_id, patch).await
+        }
+        ClientFrame::Typing {
+            id,
+            thread_id,
+            active,
+        } => typing::execute(chat, caller, id, thread_id, active).await,
+        ClientFrame::Contact { id, user, action } => {
+            contacts::act(chat, caller, id, &user, action).await
+        }
+        ClientFrame::SetAlias { id, user, alias } => {
+            contacts::alias(chat, caller, id, &user, alias).await
+        }
+        ClientFrame::Contacts { id } => contacts::list(chat, caller, id).await,
+        ClientFrame::SearchUsers { id, prefix, limit } => {
+            contacts::search(chat, caller, id, &prefix, limit).await
+        }
+        ClientFrame::SetPrivacy { id, hide_last_seen } => {
+            settings::privacy(chat, caller, id, hide_last_seen).await
         }
     }
 }

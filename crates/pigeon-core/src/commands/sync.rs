@@ -9,6 +9,8 @@ use crate::{Caller, ChatService, Result};
 
 const DEFAULT_LIMIT: u32 = 500;
 const MAX_LIMIT: u32 = 1000;
+/// Most per-user events in one page.
+const MAX_EVENTS: u32 = 500;
 
 /// Threads the client does not know, or with messages past what it holds, are returned
 /// with those messages (oldest first), up to `limit` messages per page. `more` asks the
@@ -20,6 +22,7 @@ pub(crate) async fn execute(
     id: ReqId,
     have: &HashMap<ThreadId, u64>,
     limit: Option<u32>,
+    events_after: Option<u64>,
 ) -> Result<ServerFrame> {
     let limit = limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT) as u64;
     let mut threads = Vec::new();
@@ -27,7 +30,8 @@ pub(crate) async fn execute(
     let mut more = false;
     for summary in chat.store.list_threads(caller.user_id).await? {
         let held = have.get(&summary.thread_id).copied();
-        let from_seq = held.unwrap_or(0);
+        // Never below what the member may see.
+        let from_seq = held.unwrap_or(0).max(summary.joined_seq);
         if held.is_some() && summary.last_seq <= from_seq {
             continue;
         }
@@ -48,10 +52,32 @@ pub(crate) async fn execute(
         more |= missing > room;
         threads.push(summary);
     }
+    let (events, event_cursor, events_reset) = match events_after {
+        Some(after) => {
+            let page = chat
+                .store
+                .list_user_events(caller.user_id, after, MAX_EVENTS)
+                .await?;
+            let cursor = page.events.last().map_or(page.last_seq, |e| e.seq);
+            more |= cursor < page.last_seq;
+            (page.events, cursor, page.reset)
+        }
+        None => (
+            Vec::new(),
+            chat.store
+                .list_user_events(caller.user_id, u64::MAX, 1)
+                .await?
+                .last_seq,
+            false,
+        ),
+    };
     Ok(ServerFrame::Sync {
         id,
         threads,
         messages,
         more,
+        events,
+        event_cursor,
+        events_reset,
     })
 }

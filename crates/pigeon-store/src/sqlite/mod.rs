@@ -728,7 +728,7 @@ impl Store for SqliteStore {
             let last_seq = to_u64(last.unwrap_or(0));
             let oldest = to_u64(oldest.unwrap_or(0));
             // Pruned events between the client's cursor and the oldest kept one: reset.
-            let reset = oldest > after + 1 && last_seq > after;
+            let reset = oldest > after.saturating_add(1) && last_seq > after;
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, body FROM user_events WHERE user_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
@@ -1003,6 +1003,8 @@ fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
     state.reset(&conn);
     let commit_seconds = metrics::histogram!("pigeon_store_commit_seconds");
     let batch_size = metrics::histogram!("pigeon_store_batch_size");
+    // Rows inserted, updated or deleted by committed transactions: the write cost per message.
+    let rows_written = metrics::counter!("pigeon_store_rows_written_total");
     let mut closed: Option<oneshot::Sender<()>> = None;
     let mut batch = Vec::with_capacity(MAX_BATCH);
 
@@ -1019,6 +1021,7 @@ fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
         }
 
         let started = Instant::now();
+        let changes_before = conn.total_changes();
         let mut completions = Vec::with_capacity(batch.len());
         let outcome = run_batch(
             &mut conn,
@@ -1028,7 +1031,10 @@ fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
             &mut closed,
         );
         match &outcome {
-            Ok(()) => state.stored.increment(state.appended_in_batch),
+            Ok(()) => {
+                state.stored.increment(state.appended_in_batch);
+                rows_written.increment(conn.total_changes().saturating_sub(changes_before));
+            }
             Err(error) => {
                 tracing::error!(%error, jobs = completions.len(), "store transaction failed; nothing in it is acknowledged");
                 state.reset(&conn);

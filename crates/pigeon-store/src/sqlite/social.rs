@@ -39,7 +39,7 @@ pub(super) fn append_user_event(
         "INSERT INTO user_events (user_id, seq, body, created_at) VALUES (?1, ?2, ?3, ?4)",
     )?
     .execute(params![user_id.as_bytes(), to_i64(seq), body, now_ms()])?;
-    if seq % 100 == 0 && seq > USER_EVENTS_KEPT {
+    if seq.is_multiple_of(100) && seq > USER_EVENTS_KEPT {
         conn.prepare_cached("DELETE FROM user_events WHERE user_id = ?1 AND seq <= ?2")?
             .execute(params![user_id.as_bytes(), to_i64(seq - USER_EVENTS_KEPT)])?;
     }
