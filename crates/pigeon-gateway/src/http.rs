@@ -82,7 +82,10 @@ pub(crate) fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::UnknownThread | ErrorCode::UnknownUser | ErrorCode::UnknownDevice => {
             StatusCode::NOT_FOUND
         }
-        ErrorCode::NotMember | ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotMember | ErrorCode::Forbidden | ErrorCode::Blocked => StatusCode::FORBIDDEN,
+        ErrorCode::LimitExceeded => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::NoPendingRequest => StatusCode::CONFLICT,
+        ErrorCode::GroupClosed => StatusCode::GONE,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::Unauthorized | ErrorCode::InvalidCredentials => StatusCode::UNAUTHORIZED,
         ErrorCode::UsernameTaken => StatusCode::CONFLICT,

@@ -232,3 +232,84 @@ async fn typing_is_ephemeral_throttled_and_respects_blocks() {
     let answer: Value = a.request(typing(true)).await;
     assert_eq!(answer["code"], "blocked");
 }
+
+#[tokio::test]
+async fn requests_can_be_declined_cancelled_and_friends_removed_or_renamed() {
+    let server = Server::start(&[]);
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let mut a = alice.connect(&server).await;
+    let mut b = bob.connect(&server).await;
+    let act = |user: &str, action: &str| json!({"type": "contact", "user": user, "action": action});
+
+    // Nothing to answer yet.
+    assert_eq!(
+        a.request(act("bob", "accept")).await["code"],
+        "no_pending_request"
+    );
+    b.request(act("alice", "request")).await;
+    assert_eq!(
+        b.request(act("alice", "accept")).await["code"],
+        "no_pending_request",
+        "one cannot accept one's own request"
+    );
+    let declined = a.request(act("bob", "decline")).await;
+    assert_eq!(declined["contact"].get("state"), None, "{declined}");
+    assert_eq!(
+        b.request(json!({"type": "contacts"})).await["contacts"],
+        json!([]),
+        "the request is gone for bob too"
+    );
+
+    b.request(act("alice", "request")).await;
+    let cancelled = b.request(act("alice", "cancel")).await;
+    assert_eq!(cancelled["contact"].get("state"), None);
+    assert_eq!(
+        a.request(json!({"type": "contacts"})).await["contacts"],
+        json!([])
+    );
+
+    // Two requests crossing make friends.
+    b.request(act("alice", "request")).await;
+    let crossed = a.request(act("bob", "request")).await;
+    assert_eq!(crossed["contact"]["state"], "friend");
+    let renamed = a
+        .request(json!({"type": "set_alias", "user": "bob", "alias": "Bobby"}))
+        .await;
+    assert_eq!(renamed["contact"]["alias"], "Bobby");
+    let list = a.request(json!({"type": "contacts"})).await;
+    assert_eq!(list["contacts"][0]["alias"], "Bobby");
+    assert_eq!(list["contacts"][0]["state"], "friend");
+    assert_eq!(list["contacts"][0]["online"], true);
+
+    let removed = b.request(act("alice", "remove")).await;
+    assert_eq!(removed["contact"].get("state"), None);
+    let list = a.request(json!({"type": "contacts"})).await;
+    assert_eq!(
+        list["contacts"][0].get("state"),
+        None,
+        "the alias stays, the friendship goes: {list}"
+    );
+    assert_eq!(
+        list["contacts"][0].get("online"),
+        None,
+        "presence is for friends"
+    );
+
+    // Over HTTP the codes carry their statuses.
+    b.request(act("alice", "block")).await;
+    let mut request = act("bob", "request");
+    request["id"] = json!(1);
+    let (status, answer) = alice.rpc(&server, request).await;
+    assert_eq!((status, answer["code"].as_str()), (403, Some("blocked")));
+    let (status, answer) = bob
+        .rpc(
+            &server,
+            json!({"type": "contact", "id": 1, "user": "alice", "action": "accept"}),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (409, Some("no_pending_request"))
+    );
+}
