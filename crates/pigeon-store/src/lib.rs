@@ -17,6 +17,11 @@ use pigeon_proto::{
 
 pub use sqlite::{SqliteConfig, SqliteStore};
 
+/// Threads with more members than this do not make their members each other's presence
+/// audience, and do not broadcast read receipts: in a 10,000-member group that would be
+/// 10,000 events per connect or read, to people who mostly do not know each other.
+pub const PRESENCE_GROUP_LIMIT: u32 = 256;
+
 /// The crate's result type.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -315,7 +320,7 @@ pub trait Store: Send + Sync + 'static {
     /// Returns a user's membership of a thread: `ThreadNotFound`, `NotMember`, or the membership.
     async fn get_membership(&self, thread_id: ThreadId, user_id: UserId) -> Result<Membership>;
     /// Lists the users who may see `user_id`'s presence: friends and users sharing a
-    /// thread, minus users `user_id` blocked.
+    /// thread of at most [`PRESENCE_GROUP_LIMIT`] members, minus users `user_id` blocked.
     async fn list_presence_audience(&self, user_id: UserId) -> Result<Vec<UserId>>;
     /// Whether `viewer` may see `target`'s presence: a friend or thread peer not blocked by them.
     async fn can_see_presence(&self, viewer: UserId, target: UserId) -> Result<bool>;

@@ -19,19 +19,27 @@ pub(crate) async fn execute(
         .await?;
     if update.changed {
         // The other members get a receipt; the user's own devices get the logged event.
-        let others: Vec<_> = update
-            .members
-            .iter()
-            .copied()
-            .filter(|m| *m != caller.user_id)
-            .collect();
+        // Receipts are for small threads; a big group's markers still count its unread.
+        let others: Vec<_> = if update.members.len() <= pigeon_store::PRESENCE_GROUP_LIMIT as usize
+        {
+            update
+                .members
+                .iter()
+                .copied()
+                .filter(|m| *m != caller.user_id)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let receipt = ServerFrame::Receipt {
             thread_id,
             user_id: caller.user_id,
             kind,
             seq: update.seq,
         };
-        chat.publish(others.into(), caller.conn, &receipt).await?;
+        if !others.is_empty() {
+            chat.publish(others.into(), caller.conn, &receipt).await?;
+        }
         if let Some(record) = update.user_event {
             chat.publish_user_events(vec![(caller.user_id, record)])
                 .await;

@@ -351,6 +351,7 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT p.user_id FROM members m
+                 JOIN threads t ON t.id = m.thread_id AND t.member_count <= ?2
                  JOIN members p ON p.thread_id = m.thread_id AND p.user_id != m.user_id
                  WHERE m.user_id = ?1
                  UNION
@@ -358,9 +359,10 @@ impl Store for SqliteStore {
                  EXCEPT
                  SELECT peer_id FROM contacts WHERE owner_id = ?1 AND blocked = 1",
             )?;
-            let rows = stmt.query_map([user_id.as_bytes()], |row| {
-                Ok(UserId::from_bytes(row.get(0)?))
-            })?;
+            let rows = stmt.query_map(
+                params![user_id.as_bytes(), crate::PRESENCE_GROUP_LIMIT],
+                |row| Ok(UserId::from_bytes(row.get(0)?)),
+            )?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
@@ -375,10 +377,15 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "SELECT NOT EXISTS (SELECT 1 FROM contacts WHERE owner_id = ?1 AND peer_id = ?2 AND blocked = 1)
                         AND (EXISTS (SELECT 1 FROM contacts WHERE owner_id = ?1 AND peer_id = ?2 AND state = 'friend')
-                             OR EXISTS (SELECT 1 FROM members a JOIN members b ON b.thread_id = a.thread_id AND b.user_id = ?2
+                             OR EXISTS (SELECT 1 FROM members a
+                                        JOIN threads t ON t.id = a.thread_id AND t.member_count <= ?3
+                                        JOIN members b ON b.thread_id = a.thread_id AND b.user_id = ?2
                                         WHERE a.user_id = ?1))",
                 )?
-                .query_row(params![target.as_bytes(), viewer.as_bytes()], |row| row.get(0))?)
+                .query_row(
+                    params![target.as_bytes(), viewer.as_bytes(), crate::PRESENCE_GROUP_LIMIT],
+                    |row| row.get(0),
+                )?)
         })
         .await
     }
