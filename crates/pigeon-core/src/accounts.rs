@@ -139,28 +139,32 @@ impl ChatService {
         )
         .map_err(|e| ChatError::Internal(format!("argon2 parameters: {e}")))?;
         let hasher = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-        let _permit = self
-            .hashing
-            .acquire()
-            .await
-            .map_err(|e| ChatError::Internal(e.to_string()))?;
-        tokio::task::spawn_blocking(move || {
+        self.hash_blocking(move || {
             hasher
                 .hash_password(password.as_bytes())
                 .map(|hash| hash.to_string())
                 .map_err(|e| ChatError::Internal(format!("hash password: {e}")))
         })
         .await
-        .map_err(|e| ChatError::Internal(e.to_string()))?
     }
 
-    async fn verify_password(&self, password: String, stored_hash: String) -> Result<bool> {
+    /// Runs password hashing work on the blocking pool, at most `max_concurrent_hashes` at once.
+    async fn hash_blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let _permit = self
             .hashing
             .acquire()
             .await
             .map_err(|e| ChatError::Internal(e.to_string()))?;
-        tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| ChatError::Internal(e.to_string()))?
+    }
+
+    async fn verify_password(&self, password: String, stored_hash: String) -> Result<bool> {
+        self.hash_blocking(move || {
             let parsed = PasswordHash::new(&stored_hash)
                 .map_err(|e| ChatError::Internal(format!("stored hash: {e}")))?;
             Ok(Argon2::default()
@@ -168,7 +172,6 @@ impl ChatService {
                 .is_ok())
         })
         .await
-        .map_err(|e| ChatError::Internal(e.to_string()))?
     }
 
     /// A hash of a random password, to verify against when the username is unknown.

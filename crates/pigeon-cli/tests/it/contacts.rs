@@ -48,6 +48,10 @@ async fn friend_requests_presence_privacy_and_blocks_end_to_end() {
     // Friends: presence, last seen, the contact list.
     let list = b.request(json!({"type": "contacts"})).await;
     assert_eq!(list["contacts"][0]["online"], true, "{list}");
+    assert!(
+        list["contacts"][0].get("last_seen").is_none(),
+        "no last-seen while online: {list}"
+    );
     a.close().await;
     let offline = b.event_of("presence").await;
     assert_eq!(

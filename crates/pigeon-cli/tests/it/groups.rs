@@ -191,6 +191,11 @@ async fn ownership_passes_on_and_membership_changes_are_in_the_timeline() {
         .request(json!({"type": "create_group", "title": "Team", "members": ["old", "admin"]}))
         .await;
     let thread_id = created["group"]["thread_id"].clone();
+    // One's own changes are never unread; the others' "created" is.
+    let mine = owner.request(json!({"type": "threads"})).await;
+    assert_eq!(mine["threads"][0]["unread"], 0, "{mine}");
+    let theirs = admin.request(json!({"type": "threads"})).await;
+    assert_eq!(theirs["threads"][0]["unread"], 1, "{theirs}");
     owner
         .request(
             json!({"type": "set_role", "thread_id": thread_id, "user": "admin", "role": "admin"}),

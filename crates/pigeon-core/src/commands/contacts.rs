@@ -57,7 +57,12 @@ pub(crate) async fn list(chat: &ChatService, caller: &Caller, id: ReqId) -> Resu
     for contact in &mut contacts {
         // Presence goes to friends only.
         if contact.state == Some(ContactState::Friend) {
-            contact.online = Some(chat.presence.is_online(contact.user_id));
+            let online = chat.presence.is_online(contact.user_id);
+            contact.online = Some(online);
+            if online {
+                // As in presence frames: last-seen only while offline.
+                contact.last_seen = None;
+            }
         }
     }
     Ok(ServerFrame::Contacts { id, contacts })

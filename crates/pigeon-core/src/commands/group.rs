@@ -113,8 +113,11 @@ pub(crate) async fn change(
     caller: &Caller,
     id: ReqId,
     thread_id: ThreadId,
-    change: GroupChange,
+    mut change: GroupChange,
 ) -> Result<ServerFrame> {
+    if let GroupChange::Update { title, .. } = &mut change {
+        *title = title.take().map(|t| t.trim().to_owned());
+    }
     if let GroupChange::Update {
         title,
         topic,
@@ -228,6 +231,8 @@ pub(crate) async fn members(
     limit: Option<u32>,
 ) -> Result<ServerFrame> {
     chat.store.get_membership(thread_id, caller.user_id).await?;
+    // Direct threads have no member list to page: `forbidden`, as for `group_info`.
+    chat.store.get_group(thread_id).await?;
     let limit = limit.unwrap_or(200).clamp(1, 1000);
     let mut members = chat.store.list_members(thread_id, after, limit + 1).await?;
     let more = members.len() > limit as usize;

@@ -39,6 +39,10 @@ pub(crate) async fn execute(
                     "to: cannot message yourself".into(),
                 ));
             }
+            // Checked before the thread exists, so a blocker never sees an empty new thread.
+            if chat.store.is_blocked(peer.id, caller.user_id).await? {
+                return Err(ChatError::Blocked);
+            }
             chat.store
                 .get_or_create_direct_thread(caller.user_id, peer.id)
                 .await?

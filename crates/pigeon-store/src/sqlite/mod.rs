@@ -530,15 +530,7 @@ impl Store for SqliteStore {
                     None => None,
                 };
                 let group = match kind {
-                    ThreadKind::Group => Some(GroupInfo {
-                        thread_id,
-                        title: row.get::<_, Option<String>>(12)?.unwrap_or_default(),
-                        topic: row.get(13)?,
-                        avatar: row.get(14)?,
-                        share_history: row.get(15)?,
-                        member_count: u32::try_from(row.get::<_, i64>(16)?).unwrap_or(0),
-                        closed: row.get(17)?,
-                    }),
+                    ThreadKind::Group => Some(social::group_from_row_at(row, thread_id, 12)?),
                     ThreadKind::Direct => None,
                 };
                 Ok(ThreadSummary {

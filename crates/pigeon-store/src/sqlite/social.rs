@@ -108,11 +108,13 @@ pub(super) fn create_group(
         title: group.title.clone(),
         members: all.clone(),
     };
+    // Every statement runs before the caches change: a failure leaves them true.
+    let group = read_group(conn, thread_id)?;
     let message = insert_system(conn, state, thread_id, creator, &event)?;
     let recipients: Arc<[UserId]> = all.into();
     state.set_members(thread_id, recipients.clone());
     Ok(GroupChanged {
-        group: read_group(conn, thread_id)?,
+        group,
         message: Some(message),
         recipients,
         user_events,
@@ -319,6 +321,8 @@ pub(super) fn change_group(
             .execute(params![thread_id.as_bytes(), after.len() as i64])?;
         set_participants(conn, thread_id, &after)?;
     }
+    // Every statement runs before the caches change: a failure leaves them true.
+    let group = read_group(conn, thread_id)?;
     let message = insert_system(conn, state, thread_id, actor, &event)?;
     let members: Arc<[UserId]> = after.into();
     state.set_members(thread_id, members.clone());
@@ -328,7 +332,7 @@ pub(super) fn change_group(
     let mut recipients = members.to_vec();
     recipients.extend(removed);
     Ok(GroupChanged {
-        group: read_group(conn, thread_id)?,
+        group,
         message: Some(message),
         recipients: recipients.into(),
         user_events,
@@ -406,6 +410,10 @@ fn insert_system(
         MessageKind::System,
         body,
     )?;
+    // The actor has seen their own change (a no-op when they just left).
+    state
+        .read_markers
+        .insert((thread_id, actor.user_id), message.seq);
     message.system = Some(event.clone());
     message.body = String::new();
     Ok(message)
@@ -491,23 +499,27 @@ pub(super) fn read_group(conn: &Connection, thread_id: ThreadId) -> Result<Group
     conn.prepare_cached(
         "SELECT title, topic, avatar, share_history, member_count, closed, kind FROM threads WHERE id = ?1",
     )?
-    .query_row([thread_id.as_bytes()], |row| {
-        Ok((
-            row.get::<_, String>(6)?,
-            GroupInfo {
-                thread_id,
-                title: row.get::<_, Option<String>>(0)?.unwrap_or_default(),
-                topic: row.get(1)?,
-                avatar: row.get(2)?,
-                share_history: row.get(3)?,
-                member_count: u32::try_from(row.get::<_, i64>(4)?).unwrap_or(0),
-                closed: row.get(5)?,
-            },
-        ))
-    })
+    .query_row([thread_id.as_bytes()], |row| Ok((row.get::<_, String>(6)?, group_from_row_at(row, thread_id, 0)?)))
     .optional()?
     .ok_or(StoreError::ThreadNotFound)
     .and_then(|(kind, group)| if kind == "group" { Ok(group) } else { Err(StoreError::Forbidden("not a group")) })
+}
+
+/// Reads title, topic, avatar, share_history, member_count, closed from column `at` on.
+pub(super) fn group_from_row_at(
+    row: &rusqlite::Row<'_>,
+    thread_id: ThreadId,
+    at: usize,
+) -> rusqlite::Result<GroupInfo> {
+    Ok(GroupInfo {
+        thread_id,
+        title: row.get::<_, Option<String>>(at)?.unwrap_or_default(),
+        topic: row.get(at + 1)?,
+        avatar: row.get(at + 2)?,
+        share_history: row.get(at + 3)?,
+        member_count: u32::try_from(row.get::<_, i64>(at + 4)?).unwrap_or(0),
+        closed: row.get(at + 5)?,
+    })
 }
 
 pub(super) fn set_thread_settings(
