@@ -223,6 +223,13 @@ pub(crate) async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `GET /v1/me` → {user_id, username, device_id}: who this token is.
+pub(crate) async fn me(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    let caller = authenticate(&state, &headers).await?;
+    let body = json!({ "user_id": caller.user_id, "username": caller.username, "device_id": caller.device_id });
+    Ok(Json(body).into_response())
+}
+
 /// `GET /v1/devices` → {devices: [...]}
 pub(crate) async fn list_devices(
     State(state): State<AppState>,

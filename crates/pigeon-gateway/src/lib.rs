@@ -100,6 +100,7 @@ pub fn router(
         .route("/v1/register", post(http::register))
         .route("/v1/login", post(http::login))
         .route("/v1/logout", post(http::logout))
+        .route("/v1/me", get(http::me))
         .route("/v1/devices", get(http::list_devices))
         .route("/v1/devices/{device_id}", delete(http::revoke_device))
         .route("/v1/rpc", post(http::rpc))

@@ -690,6 +690,34 @@ pub enum ServerFrame {
     },
 }
 
+impl ServerFrame {
+    /// Returns the request id of an answer; `None` for events.
+    pub fn request_id(&self) -> Option<&ReqId> {
+        match self {
+            Self::Welcome { id, .. } | Self::Presence { id, .. } | Self::Error { id, .. } => {
+                id.as_ref()
+            }
+            Self::Pong { id, .. }
+            | Self::Sent { id, .. }
+            | Self::Ok { id }
+            | Self::History { id, .. }
+            | Self::Sync { id, .. }
+            | Self::Threads { id, .. }
+            | Self::Devices { id, .. }
+            | Self::Group { id, .. }
+            | Self::Members { id, .. }
+            | Self::Groups { id, .. }
+            | Self::Settings { id, .. }
+            | Self::Contact { id, .. }
+            | Self::Contacts { id, .. }
+            | Self::Users { id, .. } => Some(id),
+            Self::Message(_) | Self::Receipt { .. } | Self::Typing { .. } | Self::UserEvent(_) => {
+                None
+            }
+        }
+    }
+}
+
 /// One entry of a user's event log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserEventRecord {

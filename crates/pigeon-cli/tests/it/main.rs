@@ -9,4 +9,5 @@ mod errors;
 mod groups;
 mod longpoll;
 mod presence;
+mod sdk;
 mod sync;

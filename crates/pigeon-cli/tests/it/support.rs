@@ -51,10 +51,14 @@ impl Server {
     }
 
     fn start_in(data_dir: Arc<TempDir>, args: Vec<String>) -> Self {
+        Self::start_at(data_dir, args, "127.0.0.1:0")
+    }
+
+    fn start_at(data_dir: Arc<TempDir>, args: Vec<String>, listen: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pigeon"))
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(data_dir.path())
             .args(test_defaults(&args))
@@ -122,6 +126,24 @@ impl Server {
     /// Starts a new server on the same data folder with the same arguments.
     pub(crate) fn restart(&self) -> Server {
         Server::start_in(self.data_dir.clone(), self.args.clone())
+    }
+
+    /// Starts a new server on the same data folder and the same port (clients reconnect).
+    pub(crate) fn restart_same_port(&self) -> Server {
+        let listen = self.addr.to_string();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            // The port is free again once the killed process is reaped; retry briefly.
+            if std::net::TcpListener::bind(&listen).is_ok() || std::time::Instant::now() > deadline
+            {
+                return Server::start_at(self.data_dir.clone(), self.args.clone(), &listen);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub(crate) fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     pub(crate) fn url(&self, path: &str) -> String {

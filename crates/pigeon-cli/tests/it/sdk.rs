@@ -1,0 +1,173 @@
+//! The SDK against the real server: resends, reconnects, sync and order across crashes.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use pigeon_client::{Client, ClientConfig, Event, Events, Target, Transport};
+use tokio::sync::Mutex;
+
+use crate::support::{PASSWORD, Server};
+
+/// Collects message events until `count` have arrived; returns (seq, body) in arrival order.
+async fn collect(mut events: Events, count: usize) -> Vec<(u64, String)> {
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        match tokio::time::timeout(Duration::from_secs(60), events.next()).await {
+            Ok(Some(Event::Message(message))) => seen.push((message.seq, message.body)),
+            Ok(Some(Event::Fatal(error))) => panic!("client stopped: {error}"),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("client ended after {} messages", seen.len()),
+            Err(_) => panic!("no message for 60 s after {} of {count}", seen.len()),
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_keep_every_message_across_two_server_crashes() {
+    let server = Server::start(&["--rate-limit", "100000", "--rate-burst", "100000"]);
+    let base = server.base_url();
+    server.user("alice").await;
+    server.user("bob").await;
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mut clients = Vec::new();
+    for name in ["alice", "bob"] {
+        let session = pigeon_client::login(&base, name, PASSWORD, "sdk")
+            .await
+            .unwrap();
+        let mut config = ClientConfig::new(&base, &session.token);
+        config.cache = Some(cache_dir.path().join(format!("{name}.db")));
+        config.reconnect_max = Duration::from_millis(500);
+        clients.push(Client::connect(config).unwrap());
+    }
+    let (bob, bob_events) = clients.pop().unwrap();
+    let (alice, alice_events) = clients.pop().unwrap();
+    let per_client = 1000;
+    let total = 2 * per_client;
+    let alice_seen = tokio::spawn(collect(alice_events, total));
+    let bob_seen = tokio::spawn(collect(bob_events, total));
+
+    let acked = Arc::new(AtomicUsize::new(0));
+    let sender = |client: Client, to: &'static str, from: &'static str| {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            futures::stream::iter(0..per_client)
+                .map(|n| {
+                    let client = client.clone();
+                    let acked = acked.clone();
+                    async move {
+                        let sent = client
+                            .send_text(Target::User(to.into()), format!("{from} {n}"))
+                            .await
+                            .unwrap();
+                        acked.fetch_add(1, AtomicOrdering::Relaxed);
+                        sent.seq
+                    }
+                })
+                .buffer_unordered(64)
+                .collect::<Vec<u64>>()
+                .await
+        })
+    };
+    let from_alice = sender(alice.clone(), "bob", "alice");
+    let from_bob = sender(bob.clone(), "alice", "bob");
+
+    // Kill the server hard twice in the middle of the burst; restart it on the same port.
+    let server = Arc::new(Mutex::new(server));
+    for threshold in [400, 1200] {
+        while acked.load(AtomicOrdering::Relaxed) < threshold {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut guard = server.lock().await;
+        guard.kill_hard();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let restarted = guard.restart_same_port();
+        *guard = restarted;
+    }
+
+    let mut seqs: Vec<u64> = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut all = from_alice.await.unwrap();
+        all.extend(from_bob.await.unwrap());
+        all
+    })
+    .await
+    .expect("every send acknowledged");
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=total as u64).collect::<Vec<_>>(),
+        "every send stored once, seqs gap-free"
+    );
+
+    let expected: BTreeSet<String> = (0..per_client)
+        .flat_map(|n| [format!("alice {n}"), format!("bob {n}")])
+        .collect();
+    for (who, seen) in [
+        ("alice", alice_seen.await.unwrap()),
+        ("bob", bob_seen.await.unwrap()),
+    ] {
+        let order: Vec<u64> = seen.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(
+            order,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "{who}: once each, in seq order"
+        );
+        let bodies: BTreeSet<String> = seen.into_iter().map(|(_, body)| body).collect();
+        assert_eq!(bodies, expected, "{who} holds every message");
+    }
+    alice.close().await;
+    bob.close().await;
+}
+
+#[tokio::test]
+async fn long_poll_clients_get_the_same_messages_as_socket_clients() {
+    let server = Server::start(&[]);
+    let base = server.base_url();
+    server.user("alice").await;
+    server.user("bob").await;
+    let bob_session = pigeon_client::login(&base, "bob", PASSWORD, "socket")
+        .await
+        .unwrap();
+    let bob_poll_session = pigeon_client::login(&base, "bob", PASSWORD, "poll")
+        .await
+        .unwrap();
+    let (_socket, socket_events) =
+        Client::connect(ClientConfig::new(&base, &bob_session.token)).unwrap();
+    let mut poll_config = ClientConfig::new(&base, &bob_poll_session.token);
+    poll_config.transport = Transport::LongPoll;
+    let (poller, mut poll_events) = Client::connect(poll_config).unwrap();
+    // Wait until the poller is connected, so "from now" is well defined for both.
+    loop {
+        if let Some(Event::Connected(kind)) = poll_events.next().await {
+            assert_eq!(kind, pigeon_client::TransportKind::LongPoll);
+            break;
+        }
+    }
+
+    let alice = pigeon_client::login(&base, "alice", PASSWORD, "a")
+        .await
+        .unwrap();
+    let (alice, _alice_events) = Client::connect(ClientConfig::new(&base, &alice.token)).unwrap();
+    for n in 0..30 {
+        alice
+            .send_text(Target::User("bob".into()), format!("m{n}"))
+            .await
+            .unwrap();
+    }
+    let by_socket = collect(socket_events, 30).await;
+    let by_poll = collect(poll_events, 30).await;
+    assert_eq!(by_socket, by_poll);
+    assert_eq!(by_poll[0], (1, "m0".to_owned()));
+
+    // Requests work over long-poll too.
+    let (threads, total_unread) = poller.threads().await.unwrap();
+    assert_eq!((threads.len(), total_unread), (1, 30));
+    let error = poller
+        .send_text(Target::User("nobody".into()), "hi")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(pigeon_proto::ErrorCode::UnknownUser));
+}

@@ -1,0 +1,153 @@
+//! The plain HTTP calls: accounts, identity, requests and long-poll.
+
+use pigeon_proto::{ErrorCode, PollResponse, ServerFrame, UserId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{Error, Result};
+
+/// A logged-in device.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct Session {
+    /// The session token: keep it secret.
+    pub token: String,
+    /// The user.
+    pub user_id: UserId,
+    /// Their username.
+    pub username: String,
+    /// This device.
+    pub device_id: pigeon_proto::DeviceId,
+}
+
+/// Creates an account; returns the new user's id.
+pub async fn register(server: &str, username: &str, password: &str) -> Result<UserId> {
+    let body = json!({"username": username, "password": password});
+    let answer = post(&reqwest::Client::new(), server, "/v1/register", None, &body).await?;
+    serde_json::from_value(answer["user_id"].clone()).map_err(|e| Error::Unexpected(e.to_string()))
+}
+
+/// Logs a new device in.
+pub async fn login(
+    server: &str,
+    username: &str,
+    password: &str,
+    device_name: &str,
+) -> Result<Session> {
+    let body = json!({"username": username, "password": password, "device_name": device_name});
+    let answer = post(&reqwest::Client::new(), server, "/v1/login", None, &body).await?;
+    serde_json::from_value(answer).map_err(|e| Error::Unexpected(e.to_string()))
+}
+
+/// Ends a device session: the token stops working everywhere.
+pub async fn logout(server: &str, token: &str) -> Result<()> {
+    post(
+        &reqwest::Client::new(),
+        server,
+        "/v1/logout",
+        Some(token),
+        &Value::Null,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Who a token belongs to.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Me {
+    pub(crate) user_id: UserId,
+    pub(crate) device_id: pigeon_proto::DeviceId,
+}
+
+pub(crate) async fn me(http: &reqwest::Client, server: &str, token: &str) -> Result<Me> {
+    let response = http
+        .get(format!("{server}/v1/me"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))?;
+    let answer = decode(response).await?;
+    serde_json::from_value(answer).map_err(|e| Error::Unexpected(e.to_string()))
+}
+
+/// Sends one request frame over `POST /v1/rpc`.
+pub(crate) async fn rpc(
+    http: &reqwest::Client,
+    server: &str,
+    token: &str,
+    frame: &Value,
+) -> Result<ServerFrame> {
+    let answer = post(http, server, "/v1/rpc", Some(token), frame).await;
+    let answer = match answer {
+        Ok(value) => value,
+        // A failed command comes back as an error frame with an HTTP error status.
+        Err(Error::Server { code, message }) => return Err(Error::Server { code, message }),
+        Err(other) => return Err(other),
+    };
+    serde_json::from_value(answer).map_err(|e| Error::Unexpected(e.to_string()))
+}
+
+/// One long-poll request.
+pub(crate) async fn poll(
+    http: &reqwest::Client,
+    server: &str,
+    token: &str,
+    cursor: Option<&str>,
+    wait_s: u64,
+) -> Result<PollResponse> {
+    let mut url = format!("{server}/v1/events?wait={wait_s}");
+    if let Some(cursor) = cursor {
+        url.push_str("&cursor=");
+        url.push_str(cursor);
+    }
+    let response = http
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))?;
+    let answer = decode(response).await?;
+    serde_json::from_value(answer).map_err(|e| Error::Unexpected(e.to_string()))
+}
+
+async fn post(
+    http: &reqwest::Client,
+    server: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> Result<Value> {
+    let mut request = http.post(format!("{server}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if !body.is_null() {
+        request = request.json(body);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))?;
+    decode(response).await
+}
+
+/// Turns a response into its JSON body, or the server's typed error.
+async fn decode(response: reqwest::Response) -> Result<Value> {
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| Error::Disconnected(e.to_string()))?;
+    if status.is_success() {
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        return serde_json::from_str(&text).map_err(|e| Error::Unexpected(e.to_string()));
+    }
+    let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let code =
+        serde_json::from_value::<ErrorCode>(body["code"].clone()).unwrap_or(ErrorCode::Internal);
+    let message = body["message"]
+        .as_str()
+        .map_or_else(|| format!("HTTP {status}"), str::to_owned);
+    Err(Error::Server { code, message })
+}
