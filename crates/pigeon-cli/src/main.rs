@@ -10,6 +10,8 @@ use pigeon_core::ChatConfig;
 use pigeon_gateway::GatewayConfig;
 use pigeon_server::ServerConfig;
 
+mod commands;
+
 #[derive(Parser)]
 #[command(
     name = "pigeon",
@@ -25,6 +27,8 @@ struct Cli {
 enum Command {
     /// Runs the server: SQLite in the data folder, nothing else to install.
     Serve(ServeArgs),
+    #[command(flatten)]
+    User(commands::UserCommand),
 }
 
 #[derive(Args)]
@@ -76,15 +80,28 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve(_));
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| if serving { "info" } else { "warn" }.into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::User(command) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let result = runtime.block_on(commands::run(command, &mut std::io::stdout().lock()));
+            if let Err(error) = result {
+                // One clear line, and an exit code a script can branch on.
+                eprintln!("pigeon: {error:#}");
+                #[allow(clippy::exit)]
+                std::process::exit(commands::exit_code(&error));
+            }
+            Ok(())
+        }
     }
 }
 

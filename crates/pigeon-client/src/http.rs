@@ -151,3 +151,73 @@ async fn decode(response: reqwest::Response) -> Result<Value> {
         .map_or_else(|| format!("HTTP {status}"), str::to_owned);
     Err(Error::Server { code, message })
 }
+
+/// One-shot requests over `POST /v1/rpc`, without holding a connection: for scripts and
+/// command-line tools. Answers are the same frames a socket gets.
+#[derive(Clone)]
+pub struct Rpc {
+    http: reqwest::Client,
+    server: String,
+    token: String,
+}
+
+impl Rpc {
+    /// A request sender for this server and token.
+    pub fn new(server: &str, token: &str) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            server: server.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        }
+    }
+
+    /// Sends one request; `error` frames become [`Error::Server`].
+    pub async fn call(&self, frame: &pigeon_proto::ClientFrame) -> Result<ServerFrame> {
+        let value = serde_json::to_value(frame).map_err(|e| Error::Unexpected(e.to_string()))?;
+        rpc(&self.http, &self.server, &self.token, &value).await
+    }
+
+    /// Sends a text message; network failures are retried with the same `client_msg_id`,
+    /// which the server deduplicates, so the message is stored once.
+    pub async fn send_text(&self, target: crate::Target, body: &str) -> Result<crate::Sent> {
+        let (to, thread_id) = match target {
+            crate::Target::User(user) => (Some(user), None),
+            crate::Target::Thread(thread) => (None, Some(thread)),
+        };
+        let frame = pigeon_proto::ClientFrame::Send {
+            id: crate::placeholder(),
+            to,
+            thread_id,
+            client_msg_id: crate::new_client_msg_id(),
+            body: body.to_owned(),
+        };
+        let mut attempt = 0;
+        loop {
+            match self.call(&frame).await {
+                Ok(ServerFrame::Sent {
+                    client_msg_id,
+                    thread_id,
+                    seq,
+                    message_id,
+                    server_time,
+                    ..
+                }) => {
+                    return Ok(crate::Sent {
+                        client_msg_id,
+                        thread_id,
+                        seq,
+                        message_id,
+                        server_time,
+                    });
+                }
+                Ok(other) => return Err(crate::unexpected(&other)),
+                Err(Error::Disconnected(reason)) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::debug!(%reason, attempt, "retrying send");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}

@@ -37,7 +37,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use cache::Cache;
-pub use http::{Session, login, logout, register};
+pub use http::{Rpc, Session, login, logout, register};
 pub use pigeon_proto as proto;
 use pigeon_proto::{
     ClientFrame, ErrorCode, MarkKind, Message, MessageId, ReqId, ServerFrame, ThreadId,
@@ -49,7 +49,7 @@ use tokio::sync::{mpsc, oneshot};
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The server answered with an error frame or an HTTP error.
-    #[error("{code:?}: {message}")]
+    #[error("{message} ({})", code.as_str())]
     Server {
         /// The error code.
         code: ErrorCode,

@@ -3,6 +3,7 @@
 mod support;
 
 mod chat;
+mod cli;
 mod contacts;
 mod crash;
 mod errors;
