@@ -138,6 +138,8 @@ pub(crate) enum UserCommand {
     },
     /// Lists your contact book.
     Contacts,
+    /// The terminal chat: conversations, messages, sending states, live updates.
+    Chat,
 }
 
 /// Group subcommands.
@@ -265,6 +267,7 @@ pub(crate) async fn run(command: UserCommand, out: &mut impl Write) -> anyhow::R
             writeln!(out, "sent: thread {} seq {}", sent.thread_id, sent.seq)?;
         }
         UserCommand::Tail { json } => tail(json, out).await?,
+        UserCommand::Chat => crate::chat::run().await?,
         UserCommand::History { thread, limit } => {
             let saved = load_session()?;
             let rpc = Rpc::new(&saved.server, &saved.session.token);

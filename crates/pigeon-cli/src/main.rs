@@ -10,6 +10,7 @@ use pigeon_core::ChatConfig;
 use pigeon_gateway::GatewayConfig;
 use pigeon_server::ServerConfig;
 
+mod chat;
 mod commands;
 
 #[derive(Parser)]

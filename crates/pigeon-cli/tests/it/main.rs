@@ -12,3 +12,4 @@ mod longpoll;
 mod presence;
 mod sdk;
 mod sync;
+mod tui;

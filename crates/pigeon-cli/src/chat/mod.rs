@@ -1,0 +1,160 @@
+//! `pigeon chat`: the terminal client. The state and keys live in [`app`], drawing in
+//! [`ui`]; this module connects them to the terminal and the server.
+
+pub(crate) mod app;
+pub(crate) mod ui;
+
+use std::time::{Duration, Instant};
+
+use app::{Action, App};
+use pigeon_client::{Client, ClientConfig, Rpc, StartFrom};
+use pigeon_proto::{ClientFrame, Message, ServerFrame, ThreadId, ThreadSummary};
+use ratatui::crossterm::event::{self, Event as TermEvent};
+use tokio::sync::mpsc;
+
+use crate::commands::{config_dir, load_session};
+
+/// Results of background requests, fed back to the app.
+enum Update {
+    Threads(Vec<ThreadSummary>),
+    History(ThreadId, Vec<Message>),
+    SendFailed(String, String),
+}
+
+/// At most one typing notice per conversation this often (the server throttles too).
+const TYPING_EVERY: Duration = Duration::from_secs(3);
+
+pub(crate) async fn run() -> anyhow::Result<()> {
+    let saved = load_session()?;
+    let rpc = Rpc::new(&saved.server, &saved.session.token);
+    let mut config = ClientConfig::new(&saved.server, &saved.session.token);
+    config.start = StartFrom::Now;
+    // Unsent messages and sync positions survive quitting and restarting the chat.
+    config.cache = Some(config_dir()?.join(format!("chat-{}.db", saved.session.username)));
+    let (client, mut events) = Client::connect(config)?;
+    let mut app = App::new(saved.session.user_id, &saved.session.username);
+
+    let mut terminal = ratatui::init();
+    let (keys_tx, mut keys_rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        while let Ok(event) = event::read() {
+            if keys_tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    let (updates_tx, mut updates_rx) = mpsc::unbounded_channel();
+    let mut last_typing: Option<(ThreadId, Instant)> = None;
+    let mut actions = vec![Action::Refresh];
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let result = loop {
+        let mut quit = false;
+        for action in actions.drain(..) {
+            match action {
+                Action::Quit => quit = true,
+                Action::Typing(thread_id) => {
+                    if last_typing
+                        .is_none_or(|(t, at)| t != thread_id || at.elapsed() > TYPING_EVERY)
+                    {
+                        last_typing = Some((thread_id, Instant::now()));
+                        let rpc = rpc.clone();
+                        tokio::spawn(async move {
+                            let _ = rpc
+                                .call(&ClientFrame::Typing {
+                                    id: pigeon_client::placeholder(),
+                                    thread_id,
+                                    active: true,
+                                })
+                                .await;
+                        });
+                    }
+                }
+                other => perform(other, &client, &rpc, &updates_tx),
+            }
+        }
+        if quit {
+            break Ok(());
+        }
+        if let Err(error) = terminal.draw(|frame| ui::draw(frame, &app)) {
+            break Err(error.into());
+        }
+        tokio::select! {
+            key = keys_rx.recv() => match key {
+                Some(TermEvent::Key(key)) => actions = app.on_key(key),
+                Some(_) => {}
+                None => break Ok(()),
+            },
+            event = events.next() => match event {
+                Some(event) => actions = app.on_client_event(event),
+                None => break Ok(()),
+            },
+            Some(update) = updates_rx.recv() => actions = match update {
+                Update::Threads(threads) => app.set_threads(threads),
+                Update::History(thread_id, messages) => app.set_history(thread_id, messages),
+                Update::SendFailed(client_msg_id, why) => {
+                    app.send_failed(&client_msg_id, why);
+                    Vec::new()
+                }
+            },
+            _ = tick.tick() => {}
+        }
+    };
+    ratatui::restore();
+    client.close().await;
+    result
+}
+
+fn perform(action: Action, client: &Client, rpc: &Rpc, updates: &mpsc::UnboundedSender<Update>) {
+    let (client, rpc, updates) = (client.clone(), rpc.clone(), updates.clone());
+    tokio::spawn(async move {
+        match action {
+            Action::Send {
+                target,
+                client_msg_id,
+                body,
+            } => {
+                // Resolves when committed, across reconnects; only a refusal comes back here.
+                if let Err(error) = client
+                    .send_with_id(target, client_msg_id.clone(), body)
+                    .await
+                {
+                    let _ = updates.send(Update::SendFailed(client_msg_id, error.to_string()));
+                }
+            }
+            Action::Mark { thread_id, seq } => {
+                let frame = ClientFrame::Mark {
+                    id: pigeon_client::placeholder(),
+                    thread_id,
+                    seq,
+                    kind: pigeon_proto::MarkKind::Read,
+                };
+                let _ = rpc.call(&frame).await;
+            }
+            Action::LoadHistory(thread_id) => {
+                let frame = ClientFrame::History {
+                    id: pigeon_client::placeholder(),
+                    thread_id,
+                    before: None,
+                    after: None,
+                    limit: Some(100),
+                };
+                if let Ok(ServerFrame::History { messages, .. }) = rpc.call(&frame).await {
+                    let _ = updates.send(Update::History(thread_id, messages));
+                }
+            }
+            Action::Refresh => {
+                if let Ok(ServerFrame::Threads { threads, .. }) = rpc
+                    .call(&ClientFrame::Threads {
+                        id: pigeon_client::placeholder(),
+                    })
+                    .await
+                {
+                    let _ = updates.send(Update::Threads(threads));
+                }
+            }
+            Action::Typing(_) | Action::Quit => {}
+        }
+    });
+}
+#[cfg(test)]
+mod tests;
