@@ -40,8 +40,8 @@ pub use cache::Cache;
 pub use http::{Rpc, Session, login, logout, register};
 pub use pigeon_proto as proto;
 use pigeon_proto::{
-    ClientFrame, ErrorCode, MarkKind, Message, MessageId, ReqId, ServerFrame, ThreadId,
-    ThreadSummary,
+    ClientFrame, ContactAction, ContactInfo, ErrorCode, GroupInfo, MarkKind, Message, MessageId,
+    ReqId, ServerFrame, ThreadId, ThreadSummary,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -318,6 +318,109 @@ impl Client {
             thread_id,
             seq,
             kind,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Creates a group with you as its owner; returns it.
+    pub async fn create_group(&self, title: &str, members: &[&str]) -> Result<GroupInfo> {
+        let frame = ClientFrame::CreateGroup {
+            id: placeholder(),
+            title: title.to_owned(),
+            members: members.iter().map(|m| (*m).to_owned()).collect(),
+            topic: None,
+            avatar: None,
+            share_history: false,
+        };
+        self.group_request(frame).await
+    }
+
+    /// Adds members to a group (usernames or user ids).
+    pub async fn add_members(&self, thread_id: ThreadId, members: &[&str]) -> Result<GroupInfo> {
+        let members = members.iter().map(|m| (*m).to_owned()).collect();
+        self.group_request(ClientFrame::AddMembers {
+            id: placeholder(),
+            thread_id,
+            members,
+        })
+        .await
+    }
+
+    /// Removes a member from a group.
+    pub async fn remove_member(&self, thread_id: ThreadId, user: &str) -> Result<GroupInfo> {
+        self.group_request(ClientFrame::RemoveMember {
+            id: placeholder(),
+            thread_id,
+            user: user.to_owned(),
+        })
+        .await
+    }
+
+    /// Leaves a group.
+    pub async fn leave_group(&self, thread_id: ThreadId) -> Result<GroupInfo> {
+        self.group_request(ClientFrame::LeaveGroup {
+            id: placeholder(),
+            thread_id,
+        })
+        .await
+    }
+
+    async fn group_request(&self, frame: ClientFrame) -> Result<GroupInfo> {
+        match self.request(frame).await? {
+            ServerFrame::Group { group, .. } => Ok(group),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Acts on a contact (request, accept, decline, cancel, remove, block, unblock); returns the entry.
+    pub async fn contact(&self, user: &str, action: ContactAction) -> Result<ContactInfo> {
+        match self
+            .request(ClientFrame::Contact {
+                id: placeholder(),
+                user: user.to_owned(),
+                action,
+            })
+            .await?
+        {
+            ServerFrame::Contact { contact, .. } => Ok(contact),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Returns your contact book, with presence for friends.
+    pub async fn contacts(&self) -> Result<Vec<ContactInfo>> {
+        match self
+            .request(ClientFrame::Contacts { id: placeholder() })
+            .await?
+        {
+            ServerFrame::Contacts { contacts, .. } => Ok(contacts),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Returns whether a user is online and when they were last seen (if you may know).
+    pub async fn presence(&self, user: &str) -> Result<(bool, Option<i64>)> {
+        match self
+            .request(ClientFrame::Presence {
+                id: placeholder(),
+                user: user.to_owned(),
+            })
+            .await?
+        {
+            ServerFrame::Presence {
+                online, last_seen, ..
+            } => Ok((online, last_seen)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Tells a thread's other members you are typing (or stopped).
+    pub async fn typing(&self, thread_id: ThreadId, active: bool) -> Result<()> {
+        self.request(ClientFrame::Typing {
+            id: placeholder(),
+            thread_id,
+            active,
         })
         .await
         .map(|_| ())

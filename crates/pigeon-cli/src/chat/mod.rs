@@ -17,6 +17,7 @@ use crate::commands::{config_dir, load_session};
 /// Results of background requests, fed back to the app.
 enum Update {
     Threads(Vec<ThreadSummary>),
+    Presence(ServerFrame),
     History(ThreadId, Vec<Message>),
     SendFailed(String, String),
 }
@@ -90,6 +91,7 @@ pub(crate) async fn run() -> anyhow::Result<()> {
             },
             Some(update) = updates_rx.recv() => actions = match update {
                 Update::Threads(threads) => app.set_threads(threads),
+                Update::Presence(frame) => app.on_client_event(pigeon_client::Event::Other(frame)),
                 Update::History(thread_id, messages) => app.set_history(thread_id, messages),
                 Update::SendFailed(client_msg_id, why) => {
                     app.send_failed(&client_msg_id, why);
@@ -143,13 +145,27 @@ fn perform(action: Action, client: &Client, rpc: &Rpc, updates: &mpsc::Unbounded
                 }
             }
             Action::Refresh => {
-                if let Ok(ServerFrame::Threads { threads, .. }) = rpc
-                    .call(&ClientFrame::Threads {
+                let frame = ClientFrame::Threads {
+                    id: pigeon_client::placeholder(),
+                };
+                let Ok(ServerFrame::Threads { threads, .. }) = rpc.call(&frame).await else {
+                    return;
+                };
+                // Presence dots start from the current state; events keep them fresh.
+                let peers: Vec<String> = threads
+                    .iter()
+                    .filter_map(|t| t.peer.as_ref())
+                    .map(|p| p.user_id.to_string())
+                    .collect();
+                let _ = updates.send(Update::Threads(threads));
+                for user in peers {
+                    let frame = ClientFrame::Presence {
                         id: pigeon_client::placeholder(),
-                    })
-                    .await
-                {
-                    let _ = updates.send(Update::Threads(threads));
+                        user,
+                    };
+                    if let Ok(presence @ ServerFrame::Presence { .. }) = rpc.call(&frame).await {
+                        let _ = updates.send(Update::Presence(presence));
+                    }
                 }
             }
             Action::Typing(_) | Action::Quit => {}

@@ -171,3 +171,61 @@ async fn long_poll_clients_get_the_same_messages_as_socket_clients() {
         .unwrap_err();
     assert_eq!(error.code(), Some(pigeon_proto::ErrorCode::UnknownUser));
 }
+
+#[tokio::test]
+async fn the_typed_api_covers_groups_contacts_presence_and_typing() {
+    let server = Server::start(&[]);
+    let base = server.base_url();
+    server.user("alice").await;
+    server.user("bob").await;
+    let connect = |name: &'static str| {
+        let base = base.clone();
+        async move {
+            let session = pigeon_client::login(&base, name, PASSWORD, "sdk")
+                .await
+                .unwrap();
+            let (client, mut events) =
+                Client::connect(ClientConfig::new(&base, &session.token)).unwrap();
+            while !matches!(events.next().await, Some(Event::Connected(_))) {}
+            (client, events)
+        }
+    };
+    let (alice, _alice_events) = connect("alice").await;
+    let (bob, mut bob_events) = connect("bob").await;
+
+    let group = alice.create_group("Team", &["bob"]).await.unwrap();
+    assert_eq!(group.member_count, 2);
+    let contact = alice
+        .contact("bob", pigeon_proto::ContactAction::Request)
+        .await
+        .unwrap();
+    assert_eq!(contact.state, Some(pigeon_proto::ContactState::Requested));
+    bob.contact("alice", pigeon_proto::ContactAction::Accept)
+        .await
+        .unwrap();
+    let contacts = alice.contacts().await.unwrap();
+    assert_eq!(contacts[0].online, Some(true));
+    assert_eq!(alice.presence("bob").await.unwrap(), (true, None));
+    alice.typing(group.thread_id, true).await.unwrap();
+    loop {
+        match bob_events.next().await {
+            Some(Event::Other(pigeon_proto::ServerFrame::Typing {
+                thread_id,
+                active: true,
+                ..
+            })) => {
+                assert_eq!(thread_id, group.thread_id);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("bob's client ended"),
+        }
+    }
+    let left = bob.leave_group(group.thread_id).await.unwrap();
+    assert_eq!(left.member_count, 1);
+    let refused = bob
+        .add_members(group.thread_id, &["alice"])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(pigeon_proto::ErrorCode::NotMember));
+}
