@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use pigeon_proto::{Message, ThreadId};
+use pigeon_proto::{Message, ThreadId, ThreadSummary};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{Error, Result, Target};
@@ -48,7 +48,8 @@ impl Cache {
              CREATE TABLE IF NOT EXISTS messages (
                  thread_id TEXT NOT NULL, seq INTEGER NOT NULL, json TEXT NOT NULL,
                  PRIMARY KEY (thread_id, seq)) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS summaries (thread_id TEXT PRIMARY KEY, ord INTEGER NOT NULL, json TEXT NOT NULL);",
         )
         .map_err(cache_error)?;
         Ok(Self { conn })
@@ -99,6 +100,40 @@ impl Cache {
         }
         messages.reverse();
         Ok(messages)
+    }
+
+    /// Keeps the conversation list, to show it while offline.
+    pub fn save_threads(&self, threads: &[ThreadSummary]) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM summaries", [])
+            .map_err(cache_error)?;
+        for (ord, thread) in threads.iter().enumerate() {
+            let json = serde_json::to_string(thread).map_err(|e| Error::Cache(e.to_string()))?;
+            self.conn
+                .execute(
+                    "INSERT INTO summaries (thread_id, ord, json) VALUES (?1, ?2, ?3)",
+                    params![thread.thread_id.to_string(), ord as i64, json],
+                )
+                .map_err(cache_error)?;
+        }
+        Ok(())
+    }
+
+    /// The conversation list as last saved.
+    pub fn threads(&self) -> Result<Vec<ThreadSummary>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT json FROM summaries ORDER BY ord")
+            .map_err(cache_error)?;
+        let rows = stmt
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(cache_error)?;
+        let mut threads = Vec::new();
+        for json in rows {
+            let json = json.map_err(cache_error)?;
+            threads.push(serde_json::from_str(&json).map_err(|e| Error::Cache(e.to_string()))?);
+        }
+        Ok(threads)
     }
 
     /// Messages not yet acknowledged, in the order they were written.

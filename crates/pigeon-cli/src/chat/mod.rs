@@ -32,8 +32,13 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     config.start = StartFrom::Now;
     // Unsent messages and sync positions survive quitting and restarting the chat.
     config.cache = Some(config_dir()?.join(format!("chat-{}.db", saved.session.username)));
+    let cache_path = config.cache.clone().expect("set above");
     let (client, mut events) = Client::connect(config)?;
     let mut app = App::new(saved.session.user_id, &saved.session.username);
+    // What was seen last time shows at once, even with the server down.
+    let cache = pigeon_client::Cache::open(&cache_path)?;
+    let mut actions = app.set_threads(cache.threads()?);
+    let cache = std::sync::Arc::new(std::sync::Mutex::new(cache));
 
     let mut terminal = ratatui::init();
     let (keys_tx, mut keys_rx) = mpsc::unbounded_channel();
@@ -46,7 +51,7 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     });
     let (updates_tx, mut updates_rx) = mpsc::unbounded_channel();
     let mut last_typing: Option<(ThreadId, Instant)> = None;
-    let mut actions = vec![Action::Refresh];
+    actions.push(Action::Refresh);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let result = loop {
         let mut quit = false;
@@ -70,7 +75,7 @@ pub(crate) async fn run() -> anyhow::Result<()> {
                         });
                     }
                 }
-                other => perform(other, &client, &rpc, &updates_tx),
+                other => perform(other, &client, &rpc, &cache, &updates_tx),
             }
         }
         if quit {
@@ -106,8 +111,17 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     result
 }
 
-fn perform(action: Action, client: &Client, rpc: &Rpc, updates: &mpsc::UnboundedSender<Update>) {
-    let (client, rpc, updates) = (client.clone(), rpc.clone(), updates.clone());
+type SharedCache = std::sync::Arc<std::sync::Mutex<pigeon_client::Cache>>;
+
+fn perform(
+    action: Action,
+    client: &Client,
+    rpc: &Rpc,
+    cache: &SharedCache,
+    updates: &mpsc::UnboundedSender<Update>,
+) {
+    let (client, rpc, cache, updates) =
+        (client.clone(), rpc.clone(), cache.clone(), updates.clone());
     tokio::spawn(async move {
         match action {
             Action::Send {
@@ -140,9 +154,15 @@ fn perform(action: Action, client: &Client, rpc: &Rpc, updates: &mpsc::Unbounded
                     after: None,
                     limit: Some(100),
                 };
-                if let Ok(ServerFrame::History { messages, .. }) = rpc.call(&frame).await {
-                    let _ = updates.send(Update::History(thread_id, messages));
-                }
+                let messages = match rpc.call(&frame).await {
+                    Ok(ServerFrame::History { messages, .. }) => messages,
+                    // Offline: what the cache holds.
+                    _ => cache
+                        .lock()
+                        .map(|c| c.messages(thread_id, None, 100).unwrap_or_default())
+                        .unwrap_or_default(),
+                };
+                let _ = updates.send(Update::History(thread_id, messages));
             }
             Action::Refresh => {
                 let frame = ClientFrame::Threads {
@@ -157,6 +177,9 @@ fn perform(action: Action, client: &Client, rpc: &Rpc, updates: &mpsc::Unbounded
                     .filter_map(|t| t.peer.as_ref())
                     .map(|p| p.user_id.to_string())
                     .collect();
+                if let Ok(cache) = cache.lock() {
+                    let _ = cache.save_threads(&threads);
+                }
                 let _ = updates.send(Update::Threads(threads));
                 for user in peers {
                     let frame = ClientFrame::Presence {

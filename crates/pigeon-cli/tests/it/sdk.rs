@@ -120,6 +120,18 @@ async fn two_clients_keep_every_message_across_two_server_crashes() {
     }
     alice.close().await;
     bob.close().await;
+
+    // The cache holds the whole conversation, readable with no server at all.
+    let cache = pigeon_client::Cache::open(&cache_dir.path().join("alice.db")).unwrap();
+    let positions = cache.positions().unwrap();
+    let (&thread_id, &held) = positions.iter().next().unwrap();
+    assert_eq!(held, total as u64);
+    let last_page = cache.messages(thread_id, None, 10).unwrap();
+    assert_eq!(
+        last_page.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1991..=2000).collect::<Vec<u64>>()
+    );
+    assert!(cache.unsent().unwrap().is_empty(), "nothing left to send");
 }
 
 #[tokio::test]
