@@ -10,6 +10,7 @@ use pigeon_core::ChatConfig;
 use pigeon_gateway::GatewayConfig;
 use pigeon_server::ServerConfig;
 
+mod bench;
 mod chat;
 mod commands;
 
@@ -28,6 +29,8 @@ struct Cli {
 enum Command {
     /// Runs the server: SQLite in the data folder, nothing else to install.
     Serve(ServeArgs),
+    /// Drives a running server with load and reports throughput, latency, CPU and memory.
+    Bench(bench::BenchArgs),
     #[command(flatten)]
     User(commands::UserCommand),
 }
@@ -92,6 +95,15 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            if let Err(error) = runtime.block_on(bench::run(args, &mut std::io::stdout().lock())) {
+                eprintln!("pigeon bench: {error:#}");
+                #[allow(clippy::exit)]
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::User(command) => {
             let runtime = tokio::runtime::Runtime::new()?;
             let result = runtime.block_on(commands::run(command, &mut std::io::stdout().lock()));

@@ -41,6 +41,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let prometheus = install_metrics();
+    // Each connection is a file: take every descriptor the hard limit allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(
+            limit,
+            "open files limit; about {} connections fit",
+            limit.saturating_sub(64)
+        ),
+        Err(error) => tracing::warn!(%error, "could not raise the open files limit"),
+    }
     let store = SqliteStore::open(&SqliteConfig::in_dir(&config.data_dir))
         .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
     let registry = Arc::new(Registry::new());

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod bench;
 mod chat;
 mod cli;
 mod contacts;

@@ -97,6 +97,10 @@ impl Server {
         }
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the server with SIGKILL: no shutdown code runs.
     pub(crate) fn kill_hard(&mut self) {
         self.child.kill().expect("kill");

@@ -1,0 +1,170 @@
+//! What every scenario needs: users, lean sockets, server CPU and memory, histograms.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use pigeon_client::Session;
+use pigeon_proto::ServerFrame;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+pub(crate) type Socket = WebSocketStream<TcpStream>;
+pub(crate) type Sink = SplitSink<Socket, WsMessage>;
+pub(crate) type Stream = SplitStream<Socket>;
+
+pub(crate) const PASSWORD: &str = "bench-password";
+
+/// Registers and logs in `count` users named `<prefix><n>`, 32 at a time.
+pub(crate) async fn users(
+    server: &str,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<Session>> {
+    let sessions = futures::stream::iter(0..count)
+        .map(|n| async move {
+            let name = format!("{prefix}{n}");
+            pigeon_client::register(server, &name, PASSWORD)
+                .await
+                .with_context(|| format!("register {name}"))?;
+            pigeon_client::login(server, &name, PASSWORD, "bench")
+                .await
+                .with_context(|| format!("login {name}"))
+        })
+        .buffered(32)
+        .collect::<Vec<anyhow::Result<Session>>>()
+        .await;
+    sessions.into_iter().collect()
+}
+
+/// A prefix no earlier run used, so runs never collide on usernames.
+pub(crate) fn run_prefix(scenario: &str) -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("b{}{}", &scenario[..1], &id[24..])
+}
+
+/// Opens an authenticated socket from `source` (a loopback address), returns it after `welcome`.
+pub(crate) async fn connect(
+    server: &str,
+    token: &str,
+    source: Option<IpAddr>,
+) -> anyhow::Result<Socket> {
+    let authority = server
+        .strip_prefix("http://")
+        .context("bench speaks plain http:// to loopback")?;
+    let addr: std::net::SocketAddr = tokio::net::lookup_host(authority)
+        .await?
+        .next()
+        .context("server address")?;
+    if !addr.ip().is_loopback() {
+        bail!("the bench only sends traffic to loopback addresses");
+    }
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(source) = source {
+        socket.bind((source, 0).into())?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut request = format!("ws://{authority}/ws").into_client_request()?;
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    // A small read buffer: the bench holds many idle sockets too.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut socket, _) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
+    match socket.next().await {
+        Some(Ok(WsMessage::Text(text))) if text.contains("\"welcome\"") => Ok(socket),
+        other => bail!("no welcome: {other:?}"),
+    }
+}
+
+pub(crate) async fn send_json(sink: &mut Sink, value: &serde_json::Value) -> anyhow::Result<()> {
+    sink.send(WsMessage::Text(value.to_string().into())).await?;
+    Ok(())
+}
+
+/// Reads the next server frame; `None` when the socket ends.
+pub(crate) async fn next_frame(stream: &mut Stream) -> Option<ServerFrame> {
+    loop {
+        match stream.next().await? {
+            Ok(WsMessage::Text(text)) => {
+                if let Ok(frame) = serde_json::from_str(&text) {
+                    return Some(frame);
+                }
+            }
+            Ok(WsMessage::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// CPU time (user + system) of a process so far, from /proc.
+pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces: utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Linux reports in clock ticks of 1/100 s (USER_HZ).
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// Resident memory of a process, in bytes, from /proc.
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A latency histogram in microseconds, 1 µs to 10 min, 3 significant digits.
+pub(crate) fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+}
+
+pub(crate) fn ms(histogram: &Histogram<u64>, quantile: f64) -> f64 {
+    if histogram.is_empty() {
+        return 0.0;
+    }
+    histogram.value_at_quantile(quantile) as f64 / 1000.0
+}
+
+/// Microseconds since the bench started: the clock every timestamp in a body uses.
+pub(crate) fn micros_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A body of exactly `size` bytes carrying `tag`.
+pub(crate) fn padded(tag: &str, size: usize) -> String {
+    let mut body = tag.to_owned();
+    while body.len() < size {
+        body.push('.');
+    }
+    body
+}
+
+/// A progress bar for runs longer than a few seconds; hidden otherwise and with --json.
+pub(crate) fn progress(seconds: u64, quiet: bool) -> indicatif::ProgressBar {
+    if quiet || seconds < 4 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(seconds);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} s")
+            .expect("template"),
+    );
+    bar
+}

@@ -1,0 +1,261 @@
+//! `direct`: users in pairs send 1:1 messages at a total rate; every delivery is checked
+//! for loss, duplication and order, and timed from the send.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use pigeon_client::{Rpc, Target};
+use pigeon_proto::{ServerFrame, ThreadId};
+use serde_json::{Value, json};
+use tokio::time::sleep_until;
+
+use super::common::{self, Sink, Stream};
+use super::{BenchArgs, Rate};
+
+/// What one connection saw.
+struct Stats {
+    index: usize,
+    sent: u64,
+    acked: HashSet<u64>,
+    errors: u64,
+    ack_latency: Histogram<u64>,
+    /// Sender index → message numbers received from it.
+    received: HashMap<usize, HashSet<u64>>,
+    duplicated: u64,
+    out_of_order: u64,
+    latency: Histogram<u64>,
+}
+
+pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value> {
+    let users = args.users.max(2) & !1;
+    let sessions = common::users(server, &common::run_prefix("direct"), users).await?;
+    // Open each pair's thread before timing anything.
+    let mut threads = Vec::with_capacity(users / 2);
+    for pair in sessions.chunks(2) {
+        let sent = Rpc::new(server, &pair[0].token)
+            .send_text(Target::User(pair[1].username.clone()), "warm-up")
+            .await?;
+        threads.push(sent.thread_id);
+    }
+    let mut sockets = Vec::with_capacity(users);
+    for (index, session) in sessions.iter().enumerate() {
+        let source = args.source_address(index);
+        sockets.push(common::connect(server, &session.token, source).await?);
+    }
+
+    let start = Instant::now();
+    let run_for = Duration::from_secs(args.duration);
+    let deadline = tokio::time::Instant::now() + run_for;
+    let cpu_before = args.server_pid.and_then(common::cpu_time);
+    let bar = common::progress(args.duration, args.json);
+    bar.set_message("direct");
+    let ticker = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                bar.inc(1);
+            }
+        })
+    };
+    let per_connection = match args.rate {
+        Rate::Max => None,
+        Rate::PerSecond(rate) => Some(Duration::from_secs_f64(users as f64 / rate.max(0.001))),
+    };
+    let mut tasks = Vec::with_capacity(users);
+    for (index, socket) in sockets.into_iter().enumerate() {
+        let thread_id = threads[index / 2];
+        let (sink, stream) = socket.split();
+        let body_size = args.body;
+        tasks.push(tokio::spawn(connection(
+            index,
+            sink,
+            stream,
+            thread_id,
+            per_connection,
+            deadline,
+            start,
+            body_size,
+        )));
+    }
+    let mut all = Vec::with_capacity(users);
+    for task in tasks {
+        all.push(task.await?);
+    }
+    ticker.abort();
+    bar.finish_and_clear();
+    let cpu = match (cpu_before, args.server_pid.and_then(common::cpu_time)) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
+
+    let mut latency = common::histogram();
+    let mut ack_latency = common::histogram();
+    let (
+        mut sent,
+        mut acked,
+        mut delivered,
+        mut duplicated,
+        mut out_of_order,
+        mut lost,
+        mut errors,
+    ) = (0, 0, 0, 0, 0, 0, 0);
+    for stats in &all {
+        latency.add(&stats.latency).ok();
+        ack_latency.add(&stats.ack_latency).ok();
+        sent += stats.sent;
+        acked += stats.acked.len() as u64;
+        errors += stats.errors;
+        duplicated += stats.duplicated;
+        out_of_order += stats.out_of_order;
+        delivered += stats.received.values().map(|s| s.len() as u64).sum::<u64>();
+        // Everything this connection's partner acknowledged must be here.
+        let partner = &all[stats.index ^ 1];
+        let got = stats.received.get(&partner.index);
+        lost += partner
+            .acked
+            .iter()
+            .filter(|n| got.is_none_or(|g| !g.contains(n)))
+            .count() as u64;
+    }
+    let seconds = run_for.as_secs_f64();
+    Ok(json!({
+        "scenario": "direct",
+        "users": users,
+        "rate": args.rate.to_string(),
+        "duration_s": args.duration,
+        "body_bytes": args.body,
+        "sent": sent,
+        "acked": acked,
+        "errors": errors,
+        "delivered": delivered,
+        "lost": lost,
+        "duplicated": duplicated,
+        "out_of_order": out_of_order,
+        "throughput_per_s": {"acked": (acked as f64 / seconds).round(), "delivered": (delivered as f64 / seconds).round()},
+        "latency_ms": {
+            "p50": common::ms(&latency, 0.5), "p99": common::ms(&latency, 0.99),
+            "p999": common::ms(&latency, 0.999), "max": latency.max() as f64 / 1000.0,
+        },
+        "ack_latency_ms": {"p50": common::ms(&ack_latency, 0.5), "p99": common::ms(&ack_latency, 0.99)},
+        "server_cpu_ms_per_1000": cpu.map(|cpu| (cpu.as_secs_f64() * 1000.0 / (acked.max(1) as f64) * 1000.0 * 100.0).round() / 100.0),
+    }))
+}
+
+/// One user's socket: sends on schedule (or as fast as a window of 64 allows) until the
+/// deadline, then drains until everything is acknowledged and the line goes quiet.
+#[allow(clippy::too_many_arguments)]
+async fn connection(
+    index: usize,
+    mut sink: Sink,
+    mut stream: Stream,
+    thread_id: ThreadId,
+    interval: Option<Duration>,
+    deadline: tokio::time::Instant,
+    start: Instant,
+    body_size: usize,
+) -> Stats {
+    const WINDOW: usize = 64;
+    const QUIET: Duration = Duration::from_secs(2);
+    let mut stats = Stats {
+        index,
+        sent: 0,
+        acked: HashSet::new(),
+        errors: 0,
+        ack_latency: common::histogram(),
+        received: HashMap::new(),
+        duplicated: 0,
+        out_of_order: 0,
+        latency: common::histogram(),
+    };
+    let mut in_flight: HashMap<i64, (u64, u64)> = HashMap::new();
+    let mut highest: HashMap<usize, u64> = HashMap::new();
+    let mut next_send = tokio::time::Instant::now();
+    let mut next_id = 0i64;
+    let mut quiet_until = deadline + QUIET;
+    let hard_stop = deadline + Duration::from_secs(20);
+    loop {
+        let now = tokio::time::Instant::now();
+        let sending = now < deadline;
+        if !sending && (in_flight.is_empty() && now >= quiet_until || now >= hard_stop) {
+            break;
+        }
+        let can_send = sending && (interval.is_some() || in_flight.len() < WINDOW);
+        tokio::select! {
+            () = sleep_until(next_send), if can_send => {
+                let n = stats.sent;
+                let sent_at = common::micros_since(start);
+                next_id += 1;
+                let frame = json!({
+                    "type": "send", "id": next_id, "thread_id": thread_id,
+                    "client_msg_id": format!("{index}-{n}"),
+                    "body": common::padded(&format!("{index}:{n}:{sent_at}:"), body_size),
+                });
+                if common::send_json(&mut sink, &frame).await.is_err() {
+                    break;
+                }
+                in_flight.insert(next_id, (n, sent_at));
+                stats.sent += 1;
+                next_send = match interval {
+                    // An absolute schedule: a late sender catches up, so lag shows in latency.
+                    Some(interval) => next_send + interval,
+                    None => tokio::time::Instant::now(),
+                };
+            }
+            frame = common::next_frame(&mut stream) => {
+                let Some(frame) = frame else { break };
+                let now_us = common::micros_since(start);
+                match frame {
+                    ServerFrame::Sent { id, .. } => {
+                        if let Some((n, sent_at)) = in_flight.remove(&as_int(&id)) {
+                            stats.acked.insert(n);
+                            let _ = stats.ack_latency.record(now_us.saturating_sub(sent_at).max(1));
+                        }
+                    }
+                    ServerFrame::Error { id, .. } => {
+                        stats.errors += 1;
+                        if let Some(id) = id {
+                            in_flight.remove(&as_int(&id));
+                        }
+                    }
+                    ServerFrame::Message(message) => {
+                        let mut parts = message.body.split(':');
+                        let (Some(Ok(sender)), Some(Ok(n)), Some(Ok(sent_at))) = (
+                            parts.next().map(str::parse::<usize>),
+                            parts.next().map(str::parse::<u64>),
+                            parts.next().map(str::parse::<u64>),
+                        ) else {
+                            continue;
+                        };
+                        let seen = stats.received.entry(sender).or_default();
+                        if !seen.insert(n) {
+                            stats.duplicated += 1;
+                            continue;
+                        }
+                        let top = highest.entry(sender).or_insert(0);
+                        if n + 1 < *top {
+                            stats.out_of_order += 1;
+                        }
+                        *top = (*top).max(n + 1);
+                        let _ = stats.latency.record(now_us.saturating_sub(sent_at).max(1));
+                        if !sending {
+                            quiet_until = tokio::time::Instant::now() + QUIET;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            () = sleep_until(quiet_until.min(hard_stop)), if !sending => {}
+        }
+    }
+    stats
+}
+
+fn as_int(id: &pigeon_proto::ReqId) -> i64 {
+    match id {
+        pigeon_proto::ReqId::Int(n) => *n,
+        pigeon_proto::ReqId::Str(_) => -1,
+    }
+}

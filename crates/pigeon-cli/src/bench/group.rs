@@ -1,0 +1,240 @@
+//! `group`: one group of M members, all connected; S of them send at a total rate R.
+//! Reports deliveries per second and the time from a send to its last member.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use pigeon_client::Rpc;
+use pigeon_proto::{ClientFrame, ServerFrame, ThreadId};
+use serde_json::{Value, json};
+
+use super::common::{self, Sink};
+use super::{BenchArgs, Rate};
+
+/// Per message: deliveries so far, and the latest delivery (µs after the send).
+struct Tally {
+    deliveries: AtomicU64,
+    last_us: AtomicU64,
+}
+
+pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value> {
+    let members = args.members.max(2);
+    let senders = args.senders.clamp(1, members);
+    let sessions = common::users(server, &common::run_prefix("group"), members).await?;
+    let owner = Rpc::new(server, &sessions[0].token);
+    let names: Vec<String> = sessions.iter().map(|s| s.username.clone()).collect();
+    let created = owner
+        .call(&ClientFrame::CreateGroup {
+            id: pigeon_client::placeholder(),
+            title: "bench".into(),
+            members: names[1..names.len().min(1000)].to_vec(),
+            topic: None,
+            avatar: None,
+            share_history: false,
+        })
+        .await?;
+    let ServerFrame::Group { group, .. } = created else {
+        anyhow::bail!("group not created")
+    };
+    let thread_id = group.thread_id;
+    for chunk in names.get(1000..).unwrap_or_default().chunks(1000) {
+        owner
+            .call(&ClientFrame::AddMembers {
+                id: pigeon_client::placeholder(),
+                thread_id,
+                members: chunk.to_vec(),
+            })
+            .await?;
+    }
+
+    // Every member connected; bounded concurrency so the accept queue keeps up.
+    let sockets: Vec<_> = futures::stream::iter(sessions.iter().enumerate())
+        .map(|(index, session)| common::connect(server, &session.token, args.source_address(index)))
+        .buffered(128)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+
+    let expected_messages = match args.rate {
+        Rate::PerSecond(rate) => (rate * args.duration as f64 * 1.5) as usize + 100,
+        Rate::Max => 200_000,
+    };
+    let tallies: Arc<Vec<Tally>> = Arc::new(
+        (0..expected_messages)
+            .map(|_| Tally {
+                deliveries: AtomicU64::new(0),
+                last_us: AtomicU64::new(0),
+            })
+            .collect(),
+    );
+    let sent_at: Arc<Vec<AtomicU64>> =
+        Arc::new((0..expected_messages).map(|_| AtomicU64::new(0)).collect());
+    let counter = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let run_for = Duration::from_secs(args.duration);
+    let deadline = tokio::time::Instant::now() + run_for;
+    let cpu_before = args.server_pid.and_then(common::cpu_time);
+
+    let mut sinks = Vec::new();
+    let mut readers = Vec::new();
+    for socket in sockets {
+        let (sink, mut stream) = socket.split();
+        sinks.push(sink);
+        let tallies = tallies.clone();
+        readers.push(tokio::spawn(async move {
+            while let Some(frame) = common::next_frame(&mut stream).await {
+                if let ServerFrame::Message(message) = frame {
+                    let mut parts = message.body.split(':');
+                    let (Some(Ok(n)), Some(Ok(at))) = (
+                        parts.next().map(str::parse::<usize>),
+                        parts.next().map(str::parse::<u64>),
+                    ) else {
+                        continue;
+                    };
+                    if let Some(tally) = tallies.get(n) {
+                        tally.deliveries.fetch_add(1, Ordering::Relaxed);
+                        tally.last_us.fetch_max(
+                            common::micros_since(start).saturating_sub(at),
+                            Ordering::Relaxed,
+                        );
+                    }
+                }
+            }
+        }));
+    }
+    let bar = common::progress(args.duration, args.json);
+    bar.set_message("group");
+    let interval = match args.rate {
+        Rate::PerSecond(rate) => Some(Duration::from_secs_f64(senders as f64 / rate.max(0.001))),
+        Rate::Max => None,
+    };
+    let mut sender_tasks = Vec::new();
+    for (index, sink) in sinks.drain(..senders).enumerate() {
+        let (counter, sent_at, tallies) = (counter.clone(), sent_at.clone(), tallies.clone());
+        sender_tasks.push(tokio::spawn(sender(
+            index,
+            sink,
+            thread_id,
+            interval,
+            deadline,
+            start,
+            counter,
+            sent_at,
+            tallies.len(),
+            args.body,
+        )));
+    }
+    let ticker = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                bar.inc(1);
+            }
+        })
+    };
+    for task in sender_tasks {
+        task.await?;
+    }
+    ticker.abort();
+    let sent = counter.load(Ordering::Relaxed) as usize;
+    let per_message = (members - 1) as u64;
+    // Drain: until every message reached every member, or nothing moved for 3 s.
+    let mut last_total = 0;
+    let mut still = tokio::time::Instant::now();
+    loop {
+        let total: u64 = tallies[..sent.min(tallies.len())]
+            .iter()
+            .map(|t| t.deliveries.load(Ordering::Relaxed))
+            .sum();
+        if total >= sent as u64 * per_message {
+            break;
+        }
+        if total != last_total {
+            last_total = total;
+            still = tokio::time::Instant::now();
+        } else if still.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu = match (cpu_before, args.server_pid.and_then(common::cpu_time)) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
+    bar.finish_and_clear();
+    for reader in readers {
+        reader.abort();
+    }
+    drop(sinks);
+
+    let mut fanout = common::histogram();
+    let mut delivered = 0u64;
+    for tally in &tallies[..sent.min(tallies.len())] {
+        let deliveries = tally.deliveries.load(Ordering::Relaxed);
+        delivered += deliveries;
+        if deliveries == per_message {
+            let _ = fanout.record(tally.last_us.load(Ordering::Relaxed).max(1));
+        }
+    }
+    let expected = sent as u64 * per_message;
+    let seconds = run_for.as_secs_f64();
+    Ok(json!({
+        "scenario": "group",
+        "members": members,
+        "senders": senders,
+        "rate": args.rate.to_string(),
+        "duration_s": args.duration,
+        "messages": sent,
+        "deliveries": delivered,
+        "deliveries_per_s": (delivered as f64 / seconds).round(),
+        "lost": expected.saturating_sub(delivered),
+        "duplicated": delivered.saturating_sub(expected),
+        "fanout_ms": {"p50": common::ms(&fanout, 0.5), "p99": common::ms(&fanout, 0.99), "max": fanout.max() as f64 / 1000.0},
+        "server_cpu_ms_per_1000": cpu.map(|cpu| (cpu.as_secs_f64() * 1000.0 / (delivered.max(1) as f64) * 1000.0 * 100.0).round() / 100.0),
+    }))
+}
+
+/// One sender: a message every `interval` (or as fast as acks return) until the deadline.
+#[allow(clippy::too_many_arguments)]
+async fn sender(
+    index: usize,
+    mut sink: Sink,
+    thread_id: ThreadId,
+    interval: Option<Duration>,
+    deadline: tokio::time::Instant,
+    start: Instant,
+    counter: Arc<AtomicU64>,
+    sent_at: Arc<Vec<AtomicU64>>,
+    capacity: usize,
+    body_size: usize,
+) {
+    let mut next = tokio::time::Instant::now();
+    let mut id = 0i64;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep_until(next).await;
+        let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
+        if n >= capacity {
+            break;
+        }
+        let at = common::micros_since(start);
+        sent_at[n].store(at, Ordering::Relaxed);
+        id += 1;
+        let frame = json!({
+            "type": "send", "id": id, "thread_id": thread_id,
+            "client_msg_id": format!("g{index}-{n}"),
+            "body": common::padded(&format!("{n}:{at}:"), body_size),
+        });
+        if common::send_json(&mut sink, &frame).await.is_err() {
+            break;
+        }
+        next = match interval {
+            Some(interval) => next + interval,
+            // Unpaced: the server's per-connection order of requests paces it.
+            None => tokio::time::Instant::now() + Duration::from_micros(200),
+        };
+    }
+}
