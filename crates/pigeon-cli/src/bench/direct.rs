@@ -17,6 +17,8 @@ use super::{BenchArgs, Rate};
 /// What one connection saw.
 struct Stats {
     index: usize,
+    /// When this connection last got an ack or a delivery.
+    last_event: Instant,
     sent: u64,
     acked: HashSet<u64>,
     errors: u64,
@@ -120,7 +122,13 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
             .filter(|n| got.is_none_or(|g| !g.contains(n)))
             .count() as u64;
     }
-    let seconds = run_for.as_secs_f64();
+    // Throughput over the time until the last ack or delivery: a server that falls behind
+    // shows a lower rate than the offered one.
+    let last = all.iter().map(|s| s.last_event).max().unwrap_or(start);
+    let seconds = last
+        .duration_since(start)
+        .as_secs_f64()
+        .max(run_for.as_secs_f64());
     Ok(json!({
         "scenario": "direct",
         "users": users,
@@ -135,6 +143,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         "duplicated": duplicated,
         "out_of_order": out_of_order,
         "throughput_per_s": {"acked": (acked as f64 / seconds).round(), "delivered": (delivered as f64 / seconds).round()},
+        "elapsed_s": (seconds * 10.0).round() / 10.0,
         "latency_ms": {
             "p50": common::ms(&latency, 0.5), "p99": common::ms(&latency, 0.99),
             "p999": common::ms(&latency, 0.999), "max": latency.max() as f64 / 1000.0,
@@ -161,6 +170,7 @@ async fn connection(
     const QUIET: Duration = Duration::from_secs(2);
     let mut stats = Stats {
         index,
+        last_event: start,
         sent: 0,
         acked: HashSet::new(),
         errors: 0,
@@ -210,6 +220,7 @@ async fn connection(
                 match frame {
                     ServerFrame::Sent { id, .. } => {
                         if let Some((n, sent_at)) = in_flight.remove(&as_int(&id)) {
+                            stats.last_event = Instant::now();
                             stats.acked.insert(n);
                             let _ = stats.ack_latency.record(now_us.saturating_sub(sent_at).max(1));
                         }
@@ -240,6 +251,7 @@ async fn connection(
                         }
                         *top = (*top).max(n + 1);
                         let _ = stats.latency.record(now_us.saturating_sub(sent_at).max(1));
+                        stats.last_event = Instant::now();
                         if !sending {
                             quiet_until = tokio::time::Instant::now() + QUIET;
                         }

@@ -144,6 +144,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
     let per_message = (members - 1) as u64;
     // Drain: until every message reached every member, or nothing moved for 3 s.
     let mut last_total = 0;
+    let mut last_progress = Instant::now();
     let mut still = tokio::time::Instant::now();
     loop {
         let total: u64 = tallies[..sent.min(tallies.len())]
@@ -151,11 +152,13 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
             .map(|t| t.deliveries.load(Ordering::Relaxed))
             .sum();
         if total >= sent as u64 * per_message {
+            last_progress = Instant::now();
             break;
         }
         if total != last_total {
             last_total = total;
             still = tokio::time::Instant::now();
+            last_progress = Instant::now();
         } else if still.elapsed() > Duration::from_secs(3) {
             break;
         }
@@ -165,6 +168,12 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         (Some(before), Some(after)) => Some(after.saturating_sub(before)),
         _ => None,
     };
+    // Throughput counts the time until the last delivery (the drain too), so a server
+    // that falls behind shows a lower rate, not the offered one.
+    let elapsed = last_progress
+        .duration_since(start)
+        .as_secs_f64()
+        .max(run_for.as_secs_f64());
     bar.finish_and_clear();
     for reader in readers {
         reader.abort();
@@ -181,7 +190,6 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         }
     }
     let expected = sent as u64 * per_message;
-    let seconds = run_for.as_secs_f64();
     Ok(json!({
         "scenario": "group",
         "members": members,
@@ -190,7 +198,8 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         "duration_s": args.duration,
         "messages": sent,
         "deliveries": delivered,
-        "deliveries_per_s": (delivered as f64 / seconds).round(),
+        "deliveries_per_s": (delivered as f64 / elapsed).round(),
+        "elapsed_s": (elapsed * 10.0).round() / 10.0,
         "lost": expected.saturating_sub(delivered),
         "duplicated": delivered.saturating_sub(expected),
         "fanout_ms": {"p50": common::ms(&fanout, 0.5), "p99": common::ms(&fanout, 0.99), "max": fanout.max() as f64 / 1000.0},

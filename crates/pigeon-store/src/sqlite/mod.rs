@@ -70,8 +70,17 @@ type Job = Box<dyn FnOnce(&Connection, &mut WriterState) -> (bool, Completion) +
 type Completion = Box<dyn FnOnce(Result<()>) + Send>;
 
 enum Command {
-    Job(Job),
+    /// A job, and whether it needs a savepoint of its own: only jobs that can fail after a
+    /// write do. A job whose only write is its last statement is atomic without one, and
+    /// skipping the savepoint spares the statement journal on the hot path.
+    Job(Job, Isolation),
     Close(oneshot::Sender<()>),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    Savepoint,
+    SingleWrite,
 }
 
 impl SqliteStore {
@@ -129,6 +138,15 @@ impl SqliteStore {
         F: FnOnce(&Connection, &mut WriterState) -> Result<T> + Send + 'static,
         A: FnOnce(&T) + Send + 'static,
     {
+        self.submit(work, after_commit, Isolation::Savepoint).await
+    }
+
+    async fn submit<T, F, A>(&self, work: F, after_commit: A, isolation: Isolation) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut WriterState) -> Result<T> + Send + 'static,
+        A: FnOnce(&T) + Send + 'static,
+    {
         let (done_tx, done_rx) = oneshot::channel();
         let job: Job = Box::new(move |conn, state| {
             let result = work(conn, state);
@@ -143,7 +161,7 @@ impl SqliteStore {
             (ok, completion)
         });
         self.jobs
-            .send(Command::Job(job))
+            .send(Command::Job(job, isolation))
             .await
             .map_err(|_| StoreError::Unavailable("store is closed".into()))?;
         done_rx
@@ -412,8 +430,13 @@ impl Store for SqliteStore {
     }
 
     async fn append_message(&self, msg: NewMessage, on_commit: CommitHook) -> Result<Appended> {
-        self.write_then(move |conn, state| append(conn, state, msg), on_commit)
-            .await
+        // The message row is the job's only write, and its last statement.
+        self.submit(
+            move |conn, state| append(conn, state, msg),
+            on_commit,
+            Isolation::SingleWrite,
+        )
+        .await
     }
 
     async fn list_messages(
@@ -1050,7 +1073,7 @@ fn run_writer(mut conn: Connection, mut jobs_rx: mpsc::Receiver<Command>) {
     // Refuse whatever arrived after the close request.
     jobs_rx.close();
     while let Ok(command) = jobs_rx.try_recv() {
-        if let Command::Job(job) = command {
+        if let Command::Job(job, _) = command {
             drop(job);
         }
     }
@@ -1072,7 +1095,11 @@ fn run_batch(
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for command in batch.drain(..) {
         match command {
-            Command::Job(job) => {
+            Command::Job(job, Isolation::SingleWrite) => {
+                let (_, completion) = job(&tx, state);
+                completions.push(completion);
+            }
+            Command::Job(job, Isolation::Savepoint) => {
                 let savepoint = tx.savepoint()?;
                 let (ok, completion) = job(&savepoint, state);
                 completions.push(completion);
