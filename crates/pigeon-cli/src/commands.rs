@@ -231,15 +231,16 @@ pub(crate) async fn run(command: UserCommand, out: &mut impl Write) -> anyhow::R
         }
         UserCommand::Logout => {
             let saved = load_session()?;
-            let result = pigeon_client::logout(&saved.server, &saved.session.token).await;
-            std::fs::remove_file(session_path()?)?;
-            match result {
-                // Already revoked elsewhere: the local token is gone all the same.
+            match pigeon_client::logout(&saved.server, &saved.session.token).await {
+                // Revoked here, or already elsewhere: forget the local copy.
                 Ok(())
                 | Err(pigeon_client::Error::Server {
                     code: ErrorCode::Unauthorized,
                     ..
-                }) => {}
+                }) => {
+                    std::fs::remove_file(session_path()?)?;
+                }
+                // The server did not confirm: keep the token, so logout can be retried.
                 Err(error) => return Err(error.into()),
             }
             writeln!(out, "logged out")?;

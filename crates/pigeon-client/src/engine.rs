@@ -3,7 +3,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use pigeon_proto::{ClientFrame, ErrorCode, Message, MessageKind, ServerFrame, ThreadId};
+use pigeon_proto::{
+    ClientFrame, ErrorCode, Message, MessageKind, ServerFrame, SystemEvent, ThreadId,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 
@@ -21,6 +23,10 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Messages per sync page.
 const SYNC_PAGE: u32 = 500;
+/// How long a gap may stay open before a sync fills it.
+const SYNC_DELAY: Duration = Duration::from_millis(250);
+/// Longest wait for a connection to open.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A send waiting for its ack.
 struct Outgoing {
@@ -53,7 +59,17 @@ pub(crate) struct Engine {
     /// Request id → client_msg_id of a send in flight.
     in_flight: HashMap<i64, String>,
     identity: Option<Identity>,
+    /// The server's body limit (from `welcome`; the default until known).
+    max_body: usize,
     needs_sync: bool,
+    /// When a gap was first noticed (a sync waits for it to persist briefly).
+    gap_seen: Option<Instant>,
+    last_sync: Instant,
+    /// When the connection last sent anything.
+    last_heard: Instant,
+    /// Whether the current session caught up; whether any session ever did.
+    caught_up: bool,
+    ever_caught_up: bool,
     done: Option<oneshot::Sender<()>>,
 }
 
@@ -88,29 +104,39 @@ impl Engine {
             pending: HashMap::new(),
             in_flight: HashMap::new(),
             identity: None,
+            max_body: 16 * 1024,
             needs_sync: false,
+            gap_seen: None,
+            last_sync: Instant::now(),
+            last_heard: Instant::now(),
+            caught_up: false,
+            ever_caught_up: false,
             done: None,
         })
     }
 
     pub(crate) async fn run(mut self) {
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
-        let mut first = true;
         loop {
-            let end = match self.open().await {
-                Ok(mut connection) => {
-                    backoff.reset();
-                    let end = self.session(&mut connection, first).await;
-                    first = false;
+            let opened = tokio::time::timeout(OPEN_TIMEOUT, self.open()).await;
+            let end = match opened {
+                Ok(Ok(mut connection)) => {
+                    let end = self.session(&mut connection).await;
+                    // Only a session that caught up counts as a success: a server that
+                    // accepts and then fails at once must not be hammered.
+                    if self.caught_up {
+                        backoff.reset();
+                    }
                     end
                 }
-                Err(
+                Ok(Err(
                     error @ Error::Server {
                         code: ErrorCode::Unauthorized,
                         ..
                     },
-                ) => End::Stop(Some(error)),
-                Err(error) => End::Lost(error.to_string()),
+                )) => End::Stop(Some(error)),
+                Ok(Err(error)) => End::Lost(error.to_string()),
+                Err(_) => End::Lost("connecting timed out".into()),
             };
             // Requests in flight die with the connection; sends stay queued.
             for (_, reply) in self.pending.drain() {
@@ -154,6 +180,9 @@ impl Engine {
                 }
             },
         };
+        if let Some(max_body) = identity.max_body_bytes {
+            self.max_body = max_body;
+        }
         self.identity = Some(identity);
         Ok(connection)
     }
@@ -182,10 +211,13 @@ impl Engine {
         }
     }
 
-    async fn session(&mut self, connection: &mut Connection, first: bool) -> End {
-        if let Err(end) = self.catch_up(connection, first).await {
+    async fn session(&mut self, connection: &mut Connection) -> End {
+        self.caught_up = false;
+        if let Err(end) = self.catch_up(connection).await {
             return end;
         }
+        self.caught_up = true;
+        self.ever_caught_up = true;
         self.emit(Event::Connected(connection.kind));
         // Everything unacknowledged goes again, with its original client_msg_id.
         let unsent: Vec<Unsent> = self.outbox.iter().map(|o| o.unsent.clone()).collect();
@@ -197,6 +229,7 @@ impl Engine {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         let mut retry_tick = tokio::time::interval(Duration::from_millis(250));
+        self.last_heard = Instant::now();
         loop {
             tokio::select! {
                 command = self.commands_rx.recv() => {
@@ -206,34 +239,47 @@ impl Engine {
                     }
                 }
                 incoming = connection.next() => {
+                    self.last_heard = Instant::now();
                     if let Err(end) = self.incoming(incoming) {
                         return end;
                     }
                 }
                 _ = ping.tick(), if connection.kind == TransportKind::WebSocket => {
+                    // A path that went dead silently is noticed here, not when TCP gives up.
+                    if self.last_heard.elapsed() > PING_EVERY * 2 {
+                        return End::Lost("no answer to heartbeats".into());
+                    }
                     let id = self.take_id();
                     if let Err(error) = connection.send(id, &ClientFrame::Ping { id: crate::placeholder() }).await {
                         return End::Lost(error.to_string());
                     }
                 }
-                _ = retry_tick.tick(), if !self.retry.is_empty() => {
+                _ = retry_tick.tick() => {
                     if let Err(error) = self.resend_due(connection).await {
                         return End::Lost(error.to_string());
                     }
                 }
             }
-            if self.needs_sync
-                && let Err(end) = self.sync(connection).await
-            {
-                return end;
+            // A gap often closes by itself (an ack of our own send, a late event); sync
+            // only if it is still open a moment later, and not more often than that.
+            if self.needs_sync && self.last_sync.elapsed() > SYNC_DELAY {
+                match self.gap_seen {
+                    None => self.gap_seen = Some(Instant::now()),
+                    Some(at) if at.elapsed() > SYNC_DELAY => {
+                        if let Err(end) = self.sync(connection).await {
+                            return end;
+                        }
+                    }
+                    Some(_) => {}
+                }
             }
         }
     }
 
     /// Brings every thread up to date before live events are trusted.
-    async fn catch_up(&mut self, connection: &mut Connection, first: bool) -> Result<(), End> {
+    async fn catch_up(&mut self, connection: &mut Connection) -> Result<(), End> {
         let fresh = self.ordering.contiguous.is_empty() && self.event_cursor.is_none();
-        if first && fresh && self.config.start == StartFrom::Now {
+        if !self.ever_caught_up && fresh && self.config.start == StartFrom::Now {
             // Start from the present: every thread's current head counts as held.
             let answer = self
                 .call(
@@ -255,6 +301,10 @@ impl Engine {
             if let ServerFrame::Sync { event_cursor, .. } = answer {
                 self.set_cursor(event_cursor);
             }
+            // Messages of threads created during these calls wait on a sync.
+            if self.needs_sync {
+                return self.sync(connection).await;
+            }
             return Ok(());
         }
         self.sync(connection).await
@@ -263,11 +313,10 @@ impl Engine {
     /// Runs `sync` pages until nothing more is missing.
     async fn sync(&mut self, connection: &mut Connection) -> Result<(), End> {
         self.needs_sync = false;
+        self.gap_seen = None;
         loop {
-            let frame = sync_frame(
-                self.ordering.contiguous.clone(),
-                Some(self.event_cursor.unwrap_or(0)),
-            );
+            let have = self.ordering.contiguous.clone();
+            let frame = sync_frame(have.clone(), Some(self.event_cursor.unwrap_or(0)));
             let answer = self.call(connection, frame).await?;
             let ServerFrame::Sync {
                 threads,
@@ -275,33 +324,43 @@ impl Engine {
                 more,
                 events,
                 event_cursor,
+                events_reset,
                 ..
             } = answer
             else {
                 return Err(End::Lost("unexpected answer to sync".into()));
             };
             for thread in &threads {
-                // A thread seen for the first time starts where the member's view starts.
-                if !self.ordering.contiguous.contains_key(&thread.thread_id) {
-                    self.know(thread.thread_id, thread.joined_seq);
-                }
+                // Where the member's view starts: for a new thread, and for one the user
+                // rejoined after a while (`know` keeps the higher of the two).
+                self.know(thread.thread_id, thread.joined_seq);
             }
             for message in messages {
                 self.ingest(message);
             }
+            if events_reset {
+                self.emit(Event::EventsReset);
+            }
             for record in events {
-                self.emit(Event::Other(ServerFrame::UserEvent(record)));
+                // A live event may have been applied while this call was in flight.
+                if record.seq > self.event_cursor.unwrap_or(0) {
+                    self.set_cursor(record.seq);
+                    self.emit(Event::Other(ServerFrame::UserEvent(record)));
+                }
             }
             self.set_cursor(event_cursor);
-            if !more {
-                // What was waiting on unknown threads may now be contiguous.
-                let known: Vec<ThreadId> = self.ordering.contiguous.keys().copied().collect();
-                for thread in known {
-                    for message in self.ordering.drain(thread) {
-                        self.deliver(message);
-                    }
+            let known: Vec<ThreadId> = self.ordering.contiguous.keys().copied().collect();
+            for thread in known {
+                for message in self.ordering.drain(thread) {
+                    self.deliver(message);
                 }
-                self.needs_sync = false;
+            }
+            let advanced = self.ordering.contiguous != have;
+            if !more || !advanced {
+                self.last_sync = Instant::now();
+                // Whatever still waits (a thread created after this snapshot) asks again,
+                // after the delay.
+                self.needs_sync = self.ordering.has_waiting();
                 return Ok(());
             }
         }
@@ -398,6 +457,9 @@ impl Engine {
     }
 
     async fn resend_due(&mut self, connection: &mut Connection) -> Result<()> {
+        if self.retry.is_empty() {
+            return Ok(());
+        }
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = self.retry.drain(..).partition(|(at, _)| *at <= now);
         self.retry = later;
@@ -425,6 +487,19 @@ impl Engine {
         };
         if let Some(id) = answer_id(&frame) {
             if let Some(client_msg_id) = self.in_flight.remove(&id) {
+                if let ServerFrame::Error {
+                    code: ErrorCode::Unauthorized,
+                    message,
+                    ..
+                } = &frame
+                {
+                    // The token is gone (long-poll learns it here): keep the message, stop.
+                    let error = Error::Server {
+                        code: ErrorCode::Unauthorized,
+                        message: message.clone(),
+                    };
+                    return Err(End::Stop(Some(error)));
+                }
                 self.send_answered(&client_msg_id, frame);
             } else if let Some(reply) = self.pending.remove(&id) {
                 let _ = reply.send(match frame {
@@ -525,6 +600,20 @@ impl Engine {
     }
 
     fn ingest(&mut self, message: Message) {
+        // A message that starts my view of a thread says where: a thread's first message,
+        // or the "added" message naming me (I see it and what follows). Then nothing
+        // before it is missing, even if I am removed again before the next sync.
+        let me = self.identity.as_ref().map(|identity| identity.user_id);
+        let starts_my_view = message.seq == 1
+            || match &message.system {
+                Some(SystemEvent::MembersAdded { users }) => {
+                    me.is_some_and(|me| users.contains(&me))
+                }
+                _ => false,
+            };
+        if starts_my_view {
+            self.know(message.thread_id, message.seq - 1);
+        }
         let ingested = self.ordering.ingest(message);
         self.needs_sync |= ingested.needs_sync;
         for message in ingested.ready {

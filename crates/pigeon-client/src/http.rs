@@ -19,10 +19,25 @@ pub struct Session {
     pub device_id: pigeon_proto::DeviceId,
 }
 
+/// An HTTP client whose every request gives up after `timeout`.
+pub(crate) fn client(timeout: std::time::Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .unwrap_or_default()
+}
+
 /// Creates an account; returns the new user's id.
 pub async fn register(server: &str, username: &str, password: &str) -> Result<UserId> {
     let body = json!({"username": username, "password": password});
-    let answer = post(&reqwest::Client::new(), server, "/v1/register", None, &body).await?;
+    let answer = post(
+        &client(std::time::Duration::from_secs(30)),
+        server,
+        "/v1/register",
+        None,
+        &body,
+    )
+    .await?;
     serde_json::from_value(answer["user_id"].clone()).map_err(|e| Error::Unexpected(e.to_string()))
 }
 
@@ -34,14 +49,21 @@ pub async fn login(
     device_name: &str,
 ) -> Result<Session> {
     let body = json!({"username": username, "password": password, "device_name": device_name});
-    let answer = post(&reqwest::Client::new(), server, "/v1/login", None, &body).await?;
+    let answer = post(
+        &client(std::time::Duration::from_secs(30)),
+        server,
+        "/v1/login",
+        None,
+        &body,
+    )
+    .await?;
     serde_json::from_value(answer).map_err(|e| Error::Unexpected(e.to_string()))
 }
 
 /// Ends a device session: the token stops working everywhere.
 pub async fn logout(server: &str, token: &str) -> Result<()> {
     post(
-        &reqwest::Client::new(),
+        &client(std::time::Duration::from_secs(30)),
         server,
         "/v1/logout",
         Some(token),
@@ -165,7 +187,7 @@ impl Rpc {
     /// A request sender for this server and token.
     pub fn new(server: &str, token: &str) -> Self {
         Self {
-            http: reqwest::Client::new(),
+            http: client(std::time::Duration::from_secs(30)),
             server: server.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
         }

@@ -184,6 +184,9 @@ pub enum Event {
     Sent(Sent),
     /// Any other server event: receipts, presence, typing, user events.
     Other(ServerFrame),
+    /// Per-user events were missed for good (the log is bounded): refetch the thread
+    /// list and the contacts instead of replaying them.
+    EventsReset,
     /// The client stopped for good (e.g. the token was revoked).
     Fatal(Error),
 }
@@ -197,6 +200,18 @@ impl Events {
     /// Returns the next event; `None` once the client is gone.
     pub async fn next(&mut self) -> Option<Event> {
         self.rx.recv().await
+    }
+}
+
+/// A send already queued by [`Client::queue_send`].
+pub struct PendingSend {
+    answer: oneshot::Receiver<Result<Sent>>,
+}
+
+impl PendingSend {
+    /// Waits until the server has committed the message (or refused it).
+    pub async fn wait(self) -> Result<Sent> {
+        self.answer.await.map_err(|_| Error::Closed)?
     }
 }
 
@@ -252,6 +267,17 @@ impl Client {
         client_msg_id: String,
         body: impl Into<String>,
     ) -> Result<Sent> {
+        self.queue_send(target, client_msg_id, body)?.wait().await
+    }
+
+    /// Queues a send now and returns a handle to await its ack. Sends queued one after
+    /// another go out, and are stored, in that order.
+    pub fn queue_send(
+        &self,
+        target: Target,
+        client_msg_id: String,
+        body: impl Into<String>,
+    ) -> Result<PendingSend> {
         let (reply, answer) = oneshot::channel();
         let command = Command::Send {
             target,
@@ -260,7 +286,7 @@ impl Client {
             reply,
         };
         self.commands.send(command).map_err(|_| Error::Closed)?;
-        answer.await.map_err(|_| Error::Closed)?
+        Ok(PendingSend { answer })
     }
 
     /// Sends any request and returns its answer; `error` frames become [`Error::Server`].

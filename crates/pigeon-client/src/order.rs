@@ -55,6 +55,11 @@ impl Ordering {
         Ingested { ready, needs_sync }
     }
 
+    /// Whether any message waits for a gap to close.
+    pub(crate) fn has_waiting(&self) -> bool {
+        self.waiting.values().any(|w| !w.is_empty())
+    }
+
     /// Hands on what became contiguous after `know` (e.g. a thread's start is now known).
     pub(crate) fn drain(&mut self, thread_id: ThreadId) -> Vec<Message> {
         let Some(held) = self.contiguous.get_mut(&thread_id) else {

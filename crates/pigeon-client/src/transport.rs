@@ -29,6 +29,8 @@ pub(crate) enum Incoming {
 pub(crate) struct Identity {
     pub(crate) user_id: pigeon_proto::UserId,
     pub(crate) device_id: pigeon_proto::DeviceId,
+    /// The server's body limit, when it said (WebSocket `welcome`).
+    pub(crate) max_body_bytes: Option<usize>,
 }
 
 pub(crate) struct Connection {
@@ -90,8 +92,15 @@ impl Connection {
         let identity = match stream.next().await {
             Some(Ok(WsMessage::Text(text))) => match serde_json::from_str(&text) {
                 Ok(ServerFrame::Welcome {
-                    user_id, device_id, ..
-                }) => Identity { user_id, device_id },
+                    user_id,
+                    device_id,
+                    max_body_bytes,
+                    ..
+                }) => Identity {
+                    user_id,
+                    device_id,
+                    max_body_bytes: Some(max_body_bytes),
+                },
                 _ => return Err(Error::Unexpected(text.to_string())),
             },
             other => return Err(Error::Disconnected(format!("no welcome: {other:?}"))),
@@ -135,7 +144,8 @@ impl Connection {
 
     /// Opens a long-poll stream: requests over `POST /v1/rpc`, events over `GET /v1/events`.
     pub(crate) async fn long_poll(server: &str, token: &str) -> Result<(Self, Identity)> {
-        let client = reqwest::Client::new();
+        // Every request is bounded: a poll waits at most 25 s on the server, plus slack.
+        let client = http::client(std::time::Duration::from_secs(40));
         let me = http::me(&client, server, token).await?;
         let opened = http::poll(&client, server, token, None, 0).await?;
         let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
@@ -178,6 +188,7 @@ impl Connection {
             Identity {
                 user_id: me.user_id,
                 device_id: me.device_id,
+                max_body_bytes: None,
             },
         ))
     }

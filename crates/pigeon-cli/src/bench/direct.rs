@@ -167,7 +167,8 @@ async fn connection(
     body_size: usize,
 ) -> Stats {
     const WINDOW: usize = 64;
-    const QUIET: Duration = Duration::from_secs(2);
+    // Long enough that a server stall does not pass for a loss.
+    const QUIET: Duration = Duration::from_secs(5);
     let mut stats = Stats {
         index,
         last_event: start,
@@ -196,7 +197,12 @@ async fn connection(
         tokio::select! {
             () = sleep_until(next_send), if can_send => {
                 let n = stats.sent;
-                let sent_at = common::micros_since(start);
+                // Paced sends are timed from their scheduled moment, so a sender that falls
+                // behind shows its lag in the latency (no coordinated omission).
+                let sent_at = match interval {
+                    Some(_) => u64::try_from(next_send.into_std().saturating_duration_since(start).as_micros()).unwrap_or(u64::MAX),
+                    None => common::micros_since(start),
+                };
                 next_id += 1;
                 let frame = json!({
                     "type": "send", "id": next_id, "thread_id": thread_id,

@@ -73,6 +73,8 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
     let sent_at: Arc<Vec<AtomicU64>> =
         Arc::new((0..expected_messages).map(|_| AtomicU64::new(0)).collect());
     let counter = Arc::new(AtomicU64::new(0));
+    // Deliveries a member already had: counted apart, so a duplicate never hides a loss.
+    let duplicates = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let run_for = Duration::from_secs(args.duration);
     let deadline = tokio::time::Instant::now() + run_for;
@@ -84,7 +86,9 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         let (sink, mut stream) = socket.split();
         sinks.push(sink);
         let tallies = tallies.clone();
+        let duplicates = duplicates.clone();
         readers.push(tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
             while let Some(frame) = common::next_frame(&mut stream).await {
                 if let ServerFrame::Message(message) = frame {
                     let mut parts = message.body.split(':');
@@ -94,6 +98,10 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
                     ) else {
                         continue;
                     };
+                    if !seen.insert(n) {
+                        duplicates.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if let Some(tally) = tallies.get(n) {
                         tally.deliveries.fetch_add(1, Ordering::Relaxed);
                         tally.last_us.fetch_max(
@@ -201,7 +209,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         "deliveries_per_s": (delivered as f64 / elapsed).round(),
         "elapsed_s": (elapsed * 10.0).round() / 10.0,
         "lost": expected.saturating_sub(delivered),
-        "duplicated": delivered.saturating_sub(expected),
+        "duplicated": duplicates.load(Ordering::Relaxed),
         "fanout_ms": {"p50": common::ms(&fanout, 0.5), "p99": common::ms(&fanout, 0.99), "max": fanout.max() as f64 / 1000.0},
         "server_cpu_ms_per_1000": cpu.map(|cpu| (cpu.as_secs_f64() * 1000.0 / (delivered.max(1) as f64) * 1000.0 * 100.0).round() / 100.0),
     }))
@@ -227,6 +235,7 @@ async fn sender(
         tokio::time::sleep_until(next).await;
         let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
         if n >= capacity {
+            counter.fetch_sub(1, Ordering::Relaxed);
             break;
         }
         let at = common::micros_since(start);

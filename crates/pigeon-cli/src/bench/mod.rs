@@ -150,8 +150,9 @@ pub(crate) async fn run(args: BenchArgs, out: &mut impl Write) -> anyhow::Result
     Ok(())
 }
 
-/// Runs `connections` in several processes and adds their results up; the server's
-/// memory is read once every worker holds its sockets.
+/// Runs `connections` in several processes and adds their results up. Each worker reads
+/// the server's memory once its own sockets are open; the largest reading (taken after the
+/// most sockets were open) is the one used, so with staggered workers it can be low.
 async fn spread(args: &BenchArgs, server: &str) -> anyhow::Result<Value> {
     let per_worker = args.connections.div_ceil(args.workers);
     let rss_before = args.server_pid.and_then(common::rss_bytes);

@@ -189,8 +189,12 @@ impl App {
                 .max(summary.peer_read_seq.unwrap_or(0));
             self.conversations.push(conversation);
         }
-        // Conversations only known locally (a first message still in flight) stay.
-        self.conversations.extend(old.into_values());
+        // Conversations the server no longer lists (left, removed) go, unless a message of
+        // ours is still on its way there.
+        self.conversations.extend(
+            old.into_values()
+                .filter(|c| c.lines.iter().any(|l| l.seq.is_none() && !l.failed)),
+        );
         self.selected = selected
             .and_then(|id| self.conversations.iter().position(|c| c.thread_id == id))
             .unwrap_or(0);
@@ -275,6 +279,7 @@ impl App {
                 self.banner = None;
                 vec![Action::Refresh]
             }
+            Event::EventsReset => vec![Action::Refresh],
             Event::Disconnected(reason) => {
                 self.banner = Some(format!("reconnecting… ({reason})"));
                 Vec::new()
@@ -290,19 +295,17 @@ impl App {
                     // A conversation this screen does not know yet.
                     return vec![Action::Refresh];
                 };
-                let moved = self.conversations.remove(index);
+                // Keep the selection on the same conversation while this one moves up.
                 let selected_id = self.current().map(|c| c.thread_id);
+                let moved = self.conversations.remove(index);
                 self.conversations.insert(0, moved);
-                self.selected = if index == self.selected {
-                    0
-                } else {
-                    selected_id
-                        .and_then(|id| self.conversations.iter().position(|c| c.thread_id == id))
-                        .unwrap_or(0)
-                };
+                self.selected = selected_id
+                    .and_then(|id| self.conversations.iter().position(|c| c.thread_id == id))
+                    .unwrap_or(0);
+                let on_screen = self.selected == 0;
                 let conversation = &mut self.conversations[0];
                 if sender != self.me {
-                    if self.selected == 0 {
+                    if on_screen {
                         return vec![Action::Mark {
                             thread_id: conversation.thread_id,
                             seq,

@@ -120,23 +120,29 @@ fn perform(
     cache: &SharedCache,
     updates: &mpsc::UnboundedSender<Update>,
 ) {
-    let (client, rpc, cache, updates) =
-        (client.clone(), rpc.clone(), cache.clone(), updates.clone());
+    let (rpc, cache, updates) = (rpc.clone(), cache.clone(), updates.clone());
+    if let Action::Send {
+        target,
+        client_msg_id,
+        body,
+    } = action
+    {
+        // Queued here, in the order typed; only the wait for the ack goes to a task.
+        let pending = client.queue_send(target, client_msg_id.clone(), body);
+        tokio::spawn(async move {
+            // Resolves when committed, across reconnects; only a refusal comes back here.
+            let result = match pending {
+                Ok(pending) => pending.wait().await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = result {
+                let _ = updates.send(Update::SendFailed(client_msg_id, error.to_string()));
+            }
+        });
+        return;
+    }
     tokio::spawn(async move {
         match action {
-            Action::Send {
-                target,
-                client_msg_id,
-                body,
-            } => {
-                // Resolves when committed, across reconnects; only a refusal comes back here.
-                if let Err(error) = client
-                    .send_with_id(target, client_msg_id.clone(), body)
-                    .await
-                {
-                    let _ = updates.send(Update::SendFailed(client_msg_id, error.to_string()));
-                }
-            }
             Action::Mark { thread_id, seq } => {
                 let frame = ClientFrame::Mark {
                     id: pigeon_client::placeholder(),
@@ -191,9 +197,10 @@ fn perform(
                     }
                 }
             }
-            Action::Typing(_) | Action::Quit => {}
+            Action::Send { .. } | Action::Typing(_) | Action::Quit => {}
         }
     });
 }
+
 #[cfg(test)]
 mod tests;

@@ -113,9 +113,14 @@ fn draw_messages(frame: &mut Frame<'_>, app: &App, area: Rect) {
     if !typing.is_empty() {
         lines.push(TextLine::from(format!("{} typing…", typing.join(", "))).fg(Color::DarkGray));
     }
-    // Stick to the bottom unless scrolled up.
+    // Stick to the bottom unless scrolled up, counting the rows wrapped lines take.
     let height = usize::from(area.height.saturating_sub(2));
-    let bottom = lines.len().saturating_sub(height);
+    let width = usize::from(area.width.saturating_sub(2)).max(1);
+    let rows: usize = lines
+        .iter()
+        .map(|line| line.width().max(1).div_ceil(width))
+        .sum();
+    let bottom = rows.saturating_sub(height);
     let top = bottom.saturating_sub(app.scroll);
     let paragraph = Paragraph::new(lines)
         .wrap(Wrap { trim: false })

@@ -241,3 +241,70 @@ async fn the_typed_api_covers_groups_contacts_presence_and_typing() {
         .unwrap_err();
     assert_eq!(refused.code(), Some(pigeon_proto::ErrorCode::NotMember));
 }
+
+#[tokio::test]
+async fn a_member_removed_and_added_again_keeps_receiving() {
+    let server = Server::start(&[]);
+    let base = server.base_url();
+    server.user("owner").await;
+    server.user("alice").await;
+    let owner = pigeon_client::login(&base, "owner", PASSWORD, "o")
+        .await
+        .unwrap();
+    let owner = pigeon_client::Rpc::new(&base, &owner.token);
+    let alice = pigeon_client::login(&base, "alice", PASSWORD, "a")
+        .await
+        .unwrap();
+    let (_alice, mut events) = Client::connect(ClientConfig::new(&base, &alice.token)).unwrap();
+    while !matches!(events.next().await, Some(Event::Connected(_))) {}
+
+    let created = owner
+        .call(&pigeon_proto::ClientFrame::CreateGroup {
+            id: pigeon_client::placeholder(),
+            title: "g".into(),
+            members: vec!["alice".into()],
+            topic: None,
+            avatar: None,
+            share_history: false,
+        })
+        .await
+        .unwrap();
+    let pigeon_proto::ServerFrame::Group { group, .. } = created else {
+        panic!()
+    };
+    let thread = Target::Thread(group.thread_id);
+    owner.send_text(thread.clone(), "before").await.unwrap();
+    let remove = pigeon_proto::ClientFrame::RemoveMember {
+        id: pigeon_client::placeholder(),
+        thread_id: group.thread_id,
+        user: "alice".into(),
+    };
+    owner.call(&remove).await.unwrap();
+    for n in 0..3 {
+        owner
+            .send_text(thread.clone(), &format!("while away {n}"))
+            .await
+            .unwrap();
+    }
+    let add = pigeon_proto::ClientFrame::AddMembers {
+        id: pigeon_client::placeholder(),
+        thread_id: group.thread_id,
+        members: vec!["alice".into()],
+    };
+    owner.call(&add).await.unwrap();
+    owner.send_text(thread, "welcome back").await.unwrap();
+
+    // Alice sees the group's timeline up to her removal, then from her return; never the gap.
+    let mut seen = Vec::new();
+    while !seen.contains(&"welcome back".to_owned()) {
+        match tokio::time::timeout(Duration::from_secs(15), events.next())
+            .await
+            .expect("messages keep coming")
+        {
+            Some(Event::Message(message)) if message.system.is_none() => seen.push(message.body),
+            Some(_) => {}
+            None => panic!("client ended"),
+        }
+    }
+    assert_eq!(seen, ["before", "welcome back"]);
+}
