@@ -145,7 +145,7 @@ fn draw_help(frame: &mut Frame<'_>) {
     );
     let text = vec![
         TextLine::from("Enter          send the message"),
-        TextLine::from("Up/Down        choose a conversation (also Ctrl-P / Ctrl-N)"),
+        TextLine::from("Up/Down        choose a conversation (Ctrl-P/N)"),
         TextLine::from("PgUp/PgDn      scroll the conversation"),
         TextLine::from("/to bob hi     start a conversation with bob"),
         TextLine::from("F1 or ?        this help;  Esc  close it"),
