@@ -156,15 +156,48 @@ pub(crate) fn padded(tag: &str, size: usize) -> String {
     body
 }
 
-/// A progress bar for runs longer than a few seconds; hidden otherwise and with --json.
-pub(crate) fn progress(seconds: u64, quiet: bool) -> indicatif::ProgressBar {
-    if quiet || seconds < 4 {
-        return indicatif::ProgressBar::hidden();
+/// A progress bar that advances once a second: shown for runs longer than a few seconds,
+/// hidden otherwise and with --json.
+pub(crate) struct Progress {
+    bar: indicatif::ProgressBar,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    pub(crate) fn start(message: String, seconds: u64, quiet: bool) -> Self {
+        let bar = if quiet || seconds < 4 {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let bar = indicatif::ProgressBar::new(seconds);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} s")
+                    .expect("template"),
+            );
+            bar
+        };
+        bar.set_message(message);
+        let ticking = bar.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                ticking.inc(1);
+            }
+        });
+        Self { bar, ticker }
     }
-    let bar = indicatif::ProgressBar::new(seconds);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} s")
-            .expect("template"),
-    );
-    bar
+
+    pub(crate) fn finish(self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Server CPU time since `before` (a reading of [`cpu_time`]).
+pub(crate) fn cpu_since(pid: Option<u32>, before: Option<Duration>) -> Option<Duration> {
+    Some(cpu_time(pid?)?.saturating_sub(before?))
+}
+
+/// Milliseconds of CPU per 1,000 units of work, two decimals.
+pub(crate) fn per_thousand(cpu: Option<Duration>, units: u64) -> Option<f64> {
+    cpu.map(|cpu| (cpu.as_secs_f64() * 1_000_000.0 / units.max(1) as f64 * 100.0).round() / 100.0)
 }

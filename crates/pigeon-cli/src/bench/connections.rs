@@ -53,8 +53,11 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
     let rss_after = args.server_pid.and_then(common::rss_bytes);
     let cpu_after_connect = args.server_pid.and_then(common::cpu_time);
 
-    let bar = common::progress(args.duration, args.json);
-    bar.set_message(format!("holding {open} connections"));
+    let progress = common::Progress::start(
+        format!("holding {open} connections"),
+        args.duration,
+        args.json,
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.duration);
     let mut holders = Vec::with_capacity(open);
     for (index, socket) in sockets.into_iter().enumerate() {
@@ -88,20 +91,10 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
             let _ = sink.close().await;
         }));
     }
-    let ticker = {
-        let bar = bar.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                bar.inc(1);
-            }
-        })
-    };
     for holder in holders {
         holder.await?;
     }
-    ticker.abort();
-    bar.finish_and_clear();
+    progress.finish();
     let per_conn = match (rss_before, rss_after) {
         (Some(before), Some(after)) if open > 0 => Some(after.saturating_sub(before) / open as u64),
         _ => None,

@@ -51,17 +51,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
     let run_for = Duration::from_secs(args.duration);
     let deadline = tokio::time::Instant::now() + run_for;
     let cpu_before = args.server_pid.and_then(common::cpu_time);
-    let bar = common::progress(args.duration, args.json);
-    bar.set_message("direct");
-    let ticker = {
-        let bar = bar.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                bar.inc(1);
-            }
-        })
-    };
+    let progress = common::Progress::start("direct".into(), args.duration, args.json);
     let per_connection = match args.rate {
         Rate::Max => None,
         Rate::PerSecond(rate) => Some(Duration::from_secs_f64(users as f64 / rate.max(0.001))),
@@ -86,12 +76,8 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
     for task in tasks {
         all.push(task.await?);
     }
-    ticker.abort();
-    bar.finish_and_clear();
-    let cpu = match (cpu_before, args.server_pid.and_then(common::cpu_time)) {
-        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
-        _ => None,
-    };
+    progress.finish();
+    let cpu = common::cpu_since(args.server_pid, cpu_before);
 
     let mut latency = common::histogram();
     let mut ack_latency = common::histogram();
@@ -149,7 +135,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
             "p999": common::ms(&latency, 0.999), "max": latency.max() as f64 / 1000.0,
         },
         "ack_latency_ms": {"p50": common::ms(&ack_latency, 0.5), "p99": common::ms(&ack_latency, 0.99)},
-        "server_cpu_ms_per_1000": cpu.map(|cpu| (cpu.as_secs_f64() * 1000.0 / (acked.max(1) as f64) * 1000.0 * 100.0).round() / 100.0),
+        "server_cpu_ms_per_1000": common::per_thousand(cpu, acked),
     }))
 }
 

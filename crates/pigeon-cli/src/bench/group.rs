@@ -113,8 +113,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
             }
         }));
     }
-    let bar = common::progress(args.duration, args.json);
-    bar.set_message("group");
+    let progress = common::Progress::start("group".into(), args.duration, args.json);
     let interval = match args.rate {
         Rate::PerSecond(rate) => Some(Duration::from_secs_f64(senders as f64 / rate.max(0.001))),
         Rate::Max => None,
@@ -135,19 +134,9 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
             args.body,
         )));
     }
-    let ticker = {
-        let bar = bar.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                bar.inc(1);
-            }
-        })
-    };
     for task in sender_tasks {
         task.await?;
     }
-    ticker.abort();
     let sent = counter.load(Ordering::Relaxed) as usize;
     let per_message = (members - 1) as u64;
     // Drain: until every message reached every member, or nothing moved for 3 s.
@@ -172,17 +161,14 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu = match (cpu_before, args.server_pid.and_then(common::cpu_time)) {
-        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
-        _ => None,
-    };
+    let cpu = common::cpu_since(args.server_pid, cpu_before);
     // Throughput counts the time until the last delivery (the drain too), so a server
     // that falls behind shows a lower rate, not the offered one.
     let elapsed = last_progress
         .duration_since(start)
         .as_secs_f64()
         .max(run_for.as_secs_f64());
-    bar.finish_and_clear();
+    progress.finish();
     for reader in readers {
         reader.abort();
     }
@@ -211,7 +197,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         "lost": expected.saturating_sub(delivered),
         "duplicated": duplicates.load(Ordering::Relaxed),
         "fanout_ms": {"p50": common::ms(&fanout, 0.5), "p99": common::ms(&fanout, 0.99), "max": fanout.max() as f64 / 1000.0},
-        "server_cpu_ms_per_1000": cpu.map(|cpu| (cpu.as_secs_f64() * 1000.0 / (delivered.max(1) as f64) * 1000.0 * 100.0).round() / 100.0),
+        "server_cpu_ms_per_1000": common::per_thousand(cpu, delivered),
     }))
 }
 
