@@ -19,6 +19,9 @@ pub struct Session {
     pub device_id: pigeon_proto::DeviceId,
 }
 
+/// How long a one-shot request may take.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// An HTTP client whose every request gives up after `timeout`.
 pub(crate) fn client(timeout: std::time::Duration) -> reqwest::Client {
     reqwest::Client::builder()
@@ -31,7 +34,7 @@ pub(crate) fn client(timeout: std::time::Duration) -> reqwest::Client {
 pub async fn register(server: &str, username: &str, password: &str) -> Result<UserId> {
     let body = json!({"username": username, "password": password});
     let answer = post(
-        &client(std::time::Duration::from_secs(30)),
+        &client(REQUEST_TIMEOUT),
         server,
         "/v1/register",
         None,
@@ -49,21 +52,14 @@ pub async fn login(
     device_name: &str,
 ) -> Result<Session> {
     let body = json!({"username": username, "password": password, "device_name": device_name});
-    let answer = post(
-        &client(std::time::Duration::from_secs(30)),
-        server,
-        "/v1/login",
-        None,
-        &body,
-    )
-    .await?;
+    let answer = post(&client(REQUEST_TIMEOUT), server, "/v1/login", None, &body).await?;
     serde_json::from_value(answer).map_err(|e| Error::Unexpected(e.to_string()))
 }
 
 /// Ends a device session: the token stops working everywhere.
 pub async fn logout(server: &str, token: &str) -> Result<()> {
     post(
-        &client(std::time::Duration::from_secs(30)),
+        &client(REQUEST_TIMEOUT),
         server,
         "/v1/logout",
         Some(token),
@@ -98,13 +94,9 @@ pub(crate) async fn rpc(
     token: &str,
     frame: &Value,
 ) -> Result<ServerFrame> {
-    let answer = post(http, server, "/v1/rpc", Some(token), frame).await;
-    let answer = match answer {
-        Ok(value) => value,
-        // A failed command comes back as an error frame with an HTTP error status.
-        Err(Error::Server { code, message }) => return Err(Error::Server { code, message }),
-        Err(other) => return Err(other),
-    };
+    // A failed command comes back with an HTTP error status; `post` turns it into
+    // `Error::Server` with the frame's code.
+    let answer = post(http, server, "/v1/rpc", Some(token), frame).await?;
     serde_json::from_value(answer).map_err(|e| Error::Unexpected(e.to_string()))
 }
 
@@ -187,7 +179,7 @@ impl Rpc {
     /// A request sender for this server and token.
     pub fn new(server: &str, token: &str) -> Self {
         Self {
-            http: client(std::time::Duration::from_secs(30)),
+            http: client(REQUEST_TIMEOUT),
             server: server.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
         }

@@ -49,22 +49,26 @@ pub(crate) fn run_prefix(scenario: &str) -> String {
     format!("b{}{}", &scenario[..1], &id[24..])
 }
 
+/// Resolves the server and refuses anything but loopback: every byte the bench sends,
+/// registrations included, goes to this machine.
+pub(crate) async fn loopback_server(server: &str) -> anyhow::Result<(&str, std::net::SocketAddr)> {
+    let authority = server
+        .strip_prefix("http://")
+        .context("the bench speaks plain http:// to loopback")?;
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(authority).await?.collect();
+    match addrs.first() {
+        Some(addr) if addrs.iter().all(|a| a.ip().is_loopback()) => Ok((authority, *addr)),
+        _ => bail!("the bench only sends traffic to loopback addresses, not {authority}"),
+    }
+}
+
 /// Opens an authenticated socket from `source` (a loopback address), returns it after `welcome`.
 pub(crate) async fn connect(
     server: &str,
     token: &str,
     source: Option<IpAddr>,
 ) -> anyhow::Result<Socket> {
-    let authority = server
-        .strip_prefix("http://")
-        .context("bench speaks plain http:// to loopback")?;
-    let addr: std::net::SocketAddr = tokio::net::lookup_host(authority)
-        .await?
-        .next()
-        .context("server address")?;
-    if !addr.ip().is_loopback() {
-        bail!("the bench only sends traffic to loopback addresses");
-    }
+    let (authority, addr) = loopback_server(server).await?;
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

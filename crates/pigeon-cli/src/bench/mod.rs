@@ -130,6 +130,8 @@ impl BenchArgs {
 
 pub(crate) async fn run(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let server = args.server.trim_end_matches('/').to_owned();
+    // Checked before any request: registering users is traffic too.
+    common::loopback_server(&server).await?;
     if let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::debug!(limit, "bench open files limit");
     }

@@ -114,4 +114,9 @@ async fn the_bench_refuses_non_loopback_servers() {
         .output()
         .unwrap();
     assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("only sends traffic to loopback"),
+        "refused for the right reason: {stderr}"
+    );
 }

@@ -1,6 +1,6 @@
 //! Group requests: create, add, remove, leave, update, roles, ownership, info, members, find.
 
-use pigeon_proto::{ReqId, Role, ServerFrame, ThreadId, UserId};
+use pigeon_proto::{ReqId, ServerFrame, ThreadId, UserId};
 use pigeon_store::{Actor, GroupChange, GroupChanged, Hook, NewGroup};
 
 use crate::publish::Item;
@@ -161,52 +161,17 @@ pub(crate) async fn add(
     change(chat, caller, id, thread_id, GroupChange::AddMembers(users)).await
 }
 
-pub(crate) async fn remove(
+/// A change about one user (remove, set_role, transfer_ownership), named by username or id.
+pub(crate) async fn about_user(
     chat: &ChatService,
     caller: &Caller,
     id: ReqId,
     thread_id: ThreadId,
     user: &str,
+    make: impl FnOnce(UserId) -> GroupChange,
 ) -> Result<ServerFrame> {
     let user = super::resolve_user(chat, user).await?.id;
-    change(chat, caller, id, thread_id, GroupChange::RemoveMember(user)).await
-}
-
-pub(crate) async fn set_role(
-    chat: &ChatService,
-    caller: &Caller,
-    id: ReqId,
-    thread_id: ThreadId,
-    user: &str,
-    role: Role,
-) -> Result<ServerFrame> {
-    let user = super::resolve_user(chat, user).await?.id;
-    change(
-        chat,
-        caller,
-        id,
-        thread_id,
-        GroupChange::SetRole(user, role),
-    )
-    .await
-}
-
-pub(crate) async fn transfer(
-    chat: &ChatService,
-    caller: &Caller,
-    id: ReqId,
-    thread_id: ThreadId,
-    user: &str,
-) -> Result<ServerFrame> {
-    let user = super::resolve_user(chat, user).await?.id;
-    change(
-        chat,
-        caller,
-        id,
-        thread_id,
-        GroupChange::TransferOwnership(user),
-    )
-    .await
+    change(chat, caller, id, thread_id, make(user)).await
 }
 
 pub(crate) async fn info(

@@ -122,7 +122,17 @@ pub(crate) async fn execute(
             id,
             thread_id,
             user,
-        } => group::remove(chat, caller, id, thread_id, &user).await,
+        } => {
+            group::about_user(
+                chat,
+                caller,
+                id,
+                thread_id,
+                &user,
+                GroupChange::RemoveMember,
+            )
+            .await
+        }
         ClientFrame::LeaveGroup { id, thread_id } => {
             group::change(chat, caller, id, thread_id, GroupChange::Leave).await
         }
@@ -147,12 +157,27 @@ pub(crate) async fn execute(
             thread_id,
             user,
             role,
-        } => group::set_role(chat, caller, id, thread_id, &user, role).await,
+        } => {
+            group::about_user(chat, caller, id, thread_id, &user, |user| {
+                GroupChange::SetRole(user, role)
+            })
+            .await
+        }
         ClientFrame::TransferOwnership {
             id,
             thread_id,
             user,
-        } => group::transfer(chat, caller, id, thread_id, &user).await,
+        } => {
+            group::about_user(
+                chat,
+                caller,
+                id,
+                thread_id,
+                &user,
+                GroupChange::TransferOwnership,
+            )
+            .await
+        }
         ClientFrame::GroupInfo { id, thread_id } => group::info(chat, caller, id, thread_id).await,
         ClientFrame::GroupMembers {
             id,
