@@ -14,6 +14,11 @@ mod bench;
 mod chat;
 mod commands;
 
+/// jemalloc keeps its size classes apart, so the short-lived buffers of each HTTP handshake
+/// do not leave holes between long-lived connection state (measured in docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "pigeon",

@@ -7,6 +7,7 @@ mod http;
 mod longpoll;
 mod metrics;
 mod registry;
+mod serve;
 mod socket;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use registry::Registry;
+pub use serve::serve;
 
 /// Limits and timings of the gateway.
 #[derive(Debug, Clone)]

@@ -9,7 +9,6 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +19,7 @@ use pigeon_proto::{DeviceId, ErrorCode};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tungstenite::Utf8Bytes;
 
 use crate::AppState;
 use crate::http::{ApiError, authenticate};

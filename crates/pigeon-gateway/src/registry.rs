@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use futures_channel::mpsc;
 use pigeon_bus::{ConnId, Deliver, Envelope, Payload};
 use pigeon_proto::{DeviceId, UserId, close};
+use tungstenite::Utf8Bytes;
 
 use crate::longpoll::PollSession;
 

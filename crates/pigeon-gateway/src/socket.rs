@@ -1,22 +1,34 @@
 //! The WebSocket session: authenticate, register, then one task reads requests and writes
 //! events until either side ends.
+//!
+//! The upgrade is answered by hand rather than by axum's `WebSocketUpgrade`: once hyper hands
+//! the connection over, the session owns the bare `TcpStream` (no boxed `Upgraded`, no
+//! second task), which keeps an idle connection at about 2 KiB of memory.
 
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 
-use axum::extract::State;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::http::HeaderMap;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use futures_channel::mpsc;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use pigeon_core::{Caller, ChatError};
 use pigeon_proto::{
     ClientFrame, ErrorCode, FrameError, PROTOCOL_VERSION, ReqId, ServerFrame, close,
 };
+use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::handshake::derive_accept_key;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::AppState;
 use crate::http::{ApiError, bearer_token};
@@ -25,29 +37,124 @@ use crate::registry::{Outbound, Sink};
 /// Most queued events written before one flush.
 const MAX_COALESCE: u64 = 64;
 
+/// Bytes read from the socket at a time. An idle connection holds exactly this much, so it
+/// is small; a larger frame takes more reads, and the buffer grows while frames queue up.
+const READ_BUFFER: usize = 256;
+
+type Socket = WebSocketStream<TcpStream>;
+
 /// `GET /ws`: upgrades to a WebSocket, authenticated by `Authorization: Bearer` or a `hello` frame.
-pub(crate) async fn upgrade(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    let pre_auth = match bearer_token(&headers) {
+pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request) -> Response {
+    let accept = match accept_key(request.headers()) {
+        Ok(accept) => accept,
+        Err(response) => return *response,
+    };
+    let pre_auth = match bearer_token(request.headers()) {
         Some(token) => match state.chat.authenticate(token, None).await {
             Ok(caller) => Some(caller),
             Err(error) => return ApiError::from(error).into_response(),
         },
         None => None,
     };
+    let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
+        return ApiError::new(
+            ErrorCode::InvalidField,
+            "this connection cannot be upgraded",
+        )
+        .into_response();
+    };
     let limit = state.config.max_frame_bytes;
-    let tasks = state.tasks.clone();
     // Frames fed to the socket gather in the write buffer up to this size, so a backlog of
     // events goes out in few writes; an idle socket keeps only what its largest batch used.
-    ws.read_buffer_size(512)
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(limit.max(64 * 1024) * 4)
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| tasks.track_future(run(state, socket, pre_auth)))
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit));
+    let handoff = Box::new(Handoff {
+        on_upgrade,
+        config,
+        pre_auth,
+    });
+    let tasks = state.tasks.clone();
+    tasks.spawn(session(state, handoff));
+
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
+}
+
+/// Checks an RFC 6455 opening handshake and returns the `Sec-WebSocket-Accept` value.
+fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, Box<Response>> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value.to_str().is_ok_and(|value| {
+                value
+                    .split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    };
+    let refuse =
+        |message: &str| Box::new(ApiError::new(ErrorCode::InvalidField, message).into_response());
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err(refuse(
+            "expected a WebSocket upgrade (Connection: upgrade, Upgrade: websocket)",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut response = ApiError::new(
+            ErrorCode::InvalidField,
+            "unsupported WebSocket version; this server speaks 13",
+        )
+        .into_response();
+        *response.status_mut() = StatusCode::UPGRADE_REQUIRED;
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(Box::new(response));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| refuse("missing Sec-WebSocket-Key"))?;
+    HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+        .map_err(|_| refuse("invalid Sec-WebSocket-Key"))
+}
+
+/// Waits for hyper to hand over the connection and wraps the bare stream as a WebSocket.
+async fn take_over(on_upgrade: OnUpgrade, config: WebSocketConfig) -> Option<Socket> {
+    let upgraded = on_upgrade
+        .await
+        .map_err(|error| tracing::debug!(%error, "upgrade failed"))
+        .ok()?;
+    // `crate::serve` runs HTTP/1 connections over `TokioIo<TcpStream>`, so this always fits.
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| tracing::error!("upgraded connection is not a TCP stream"))
+        .ok()?;
+    let stream = parts.io.into_inner();
+    Some(if parts.read_buf.is_empty() {
+        WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await
+    } else {
+        // The client sent its first frames right behind the request.
+        WebSocketStream::from_partially_read(
+            stream,
+            parts.read_buf.to_vec(),
+            Role::Server,
+            Some(config),
+        )
+        .await
+    })
 }
 
 /// Why a session ended, and how to close the socket.
@@ -58,17 +165,49 @@ enum End {
     Gone,
 }
 
-async fn run(state: AppState, mut socket: WebSocket, pre_auth: Option<Caller>) {
-    let conn_id = state.registry.next_conn_id();
-    // Boxed so the handshake's state does not stay in this long-lived future.
+/// What the upgrade request leaves to the session.
+struct Handoff {
+    on_upgrade: OnUpgrade,
+    config: WebSocketConfig,
+    /// Set when the upgrade request carried a valid token.
+    pre_auth: Option<Caller>,
+}
+
+/// One connection from upgrade to close. Only `serve` is inline: the other phases are boxed,
+/// so their state is freed once done instead of sizing the long-lived future (an idle
+/// connection's memory is mostly this future).
+async fn session(state: AppState, handoff: Box<Handoff>) {
+    let Some((mut socket, caller, queue_rx)) = Box::pin(open(&state, handoff)).await else {
+        return;
+    };
+    let end = serve(&state, &caller, &mut socket, queue_rx).await;
+    Box::pin(close(&state, &caller, &mut socket, end)).await;
+}
+
+/// Takes over the connection, authenticates (unless the upgrade request did), registers
+/// the connection and says `welcome`. `None` when the session ended before that.
+async fn open(
+    state: &AppState,
+    handoff: Box<Handoff>,
+) -> Option<(Socket, Caller, mpsc::Receiver<Outbound>)> {
+    let Handoff {
+        on_upgrade,
+        config,
+        pre_auth,
+    } = *handoff;
+    let mut socket = take_over(on_upgrade, config).await?;
     let authed = match pre_auth {
         Some(caller) => Ok((caller, None)),
-        None => Box::pin(await_hello(&state, &mut socket)).await,
+        None => await_hello(state, &mut socket).await,
     };
     let (mut caller, hello_id) = match authed {
         Ok(authed) => authed,
-        Err(end) => return finish(&mut socket, end).await,
+        Err(end) => {
+            finish(&mut socket, end).await;
+            return None;
+        }
     };
+    let conn_id = state.registry.next_conn_id();
     caller.conn = Some(conn_id);
 
     let (queue_tx, queue_rx) = mpsc::channel(state.config.send_queue);
@@ -94,29 +233,35 @@ async fn run(state: AppState, mut socket: WebSocket, pre_auth: Option<Caller>) {
         max_body_bytes: state.chat.config().max_body_bytes,
         max_frame_bytes: state.config.max_frame_bytes,
     };
-    let end = match send_frame(&state, &mut socket, &welcome).await {
-        Ok(()) => serve(&state, &caller, &mut socket, queue_rx).await,
-        Err(()) => End::Gone,
-    };
+    if send_frame(state, &mut socket, &welcome).await.is_err() {
+        close(state, &caller, &mut socket, End::Gone).await;
+        return None;
+    }
+    Some((socket, caller, queue_rx))
+}
 
-    state.registry.remove(caller.user_id, conn_id);
+/// Unregisters the connection, records presence and closes the socket.
+async fn close(state: &AppState, caller: &Caller, socket: &mut Socket, end: End) {
+    if let Some(conn_id) = caller.conn {
+        state.registry.remove(caller.user_id, conn_id);
+    }
     state.metrics.connections_open.decrement(1.0);
-    state.chat.connection_closed(&caller).await;
-    finish(&mut socket, end).await;
+    state.chat.connection_closed(caller).await;
+    finish(socket, end).await;
 }
 
 /// Waits for the `hello` frame of a socket opened without a token header.
 async fn await_hello(
     state: &AppState,
-    socket: &mut WebSocket,
+    socket: &mut Socket,
 ) -> Result<(Caller, Option<ReqId>), End> {
     let deadline = Instant::now() + state.config.heartbeat_timeout;
     let text = loop {
-        match tokio::time::timeout_at(deadline, socket.recv()).await {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
             Err(_) => return Err(End::Close(close::HEARTBEAT_TIMEOUT, "no hello received")),
             Ok(None | Some(Ok(Message::Close(_)))) => return Err(End::Gone),
             Ok(Some(Err(error))) => return Err(read_error(error)),
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
             Ok(Some(Ok(Message::Text(text)))) => break text,
             Ok(Some(Ok(Message::Binary(_)))) => {
                 return Err(End::Close(close::UNSUPPORTED_DATA, "frames are JSON text"));
@@ -154,12 +299,25 @@ async fn await_hello(
 
 type Answer<'a> = Pin<Box<dyn Future<Output = ServerFrame> + Send + 'a>>;
 
+/// What the session loop does after `select!`. The arms only decide; the writes happen
+/// after it, so nothing an arm held (a frame, a request) stays in the session's future.
+enum Step {
+    /// Write this queued event and whatever else is queued.
+    Events(Utf8Bytes),
+    /// Write this encoded answer.
+    Answer(Utf8Bytes),
+    /// Nothing to write.
+    Idle,
+    /// End the session.
+    End(End),
+}
+
 /// The session loop. One request is handled at a time, in order (so a client's sends keep
 /// their order); while it runs, events keep flowing out and reading pauses (backpressure).
 async fn serve(
     state: &AppState,
     caller: &Caller,
-    socket: &mut WebSocket,
+    socket: &mut Socket,
     mut queue_rx: mpsc::Receiver<Outbound>,
 ) -> End {
     let quota =
@@ -172,58 +330,79 @@ async fn serve(
 
     loop {
         // Unbiased: a steady stream of events must not starve answers or reads.
-        tokio::select! {
-            () = state.cancel.cancelled() => return End::Close(close::GOING_AWAY, "server shutting down"),
+        let step = tokio::select! {
+            () = state.cancel.cancelled() => Step::End(End::Close(close::GOING_AWAY, "server shutting down")),
             outbound = queue_rx.next() => match outbound {
-                Some(Outbound::Frame(text)) => {
-                    if let Err(end) = write_batch(state, socket, text, &mut queue_rx).await {
-                        return end;
-                    }
-                }
-                Some(Outbound::Close(code, reason)) => return End::Close(code, reason),
-                None => return End::Close(close::TRY_AGAIN_LATER, "too far behind; reconnect and sync"),
+                Some(Outbound::Frame(text)) => Step::Events(text),
+                Some(Outbound::Close(code, reason)) => Step::End(End::Close(code, reason)),
+                None => Step::End(End::Close(close::TRY_AGAIN_LATER, "too far behind; reconnect and sync")),
             },
             answer = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
                 pending = None;
-                if send_frame(state, socket, &answer).await.is_err() {
-                    return End::Gone;
+                encode(&answer).map_or(Step::End(End::Gone), Step::Answer)
+            }
+            incoming = socket.next(), if pending.is_none() => match incoming {
+                None => Step::End(End::Gone),
+                Some(Err(error)) => Step::End(read_error(error)),
+                Some(Ok(Message::Text(text))) => {
+                    deadline = Instant::now() + heartbeat;
+                    state.metrics.frames_in.increment(1);
+                    // Every frame counts against the limit, well-formed or not.
+                    let limited = limiter.check().is_err();
+                    let answer = match ClientFrame::parse(&text) {
+                        Ok(frame) if limited => Some(error_frame(Some(frame.id().clone()), &ChatError::RateLimited)),
+                        Ok(frame) => {
+                            pending = Some(Box::pin(state.chat.handle(caller, frame)));
+                            None
+                        }
+                        Err(FrameError::NotJson) => {
+                            break End::Close(close::INVALID_PAYLOAD, "frame is not a JSON object");
+                        }
+                        Err(FrameError::Invalid { id, .. }) if limited => Some(error_frame(id, &ChatError::RateLimited)),
+                        Err(FrameError::Invalid { id, code, message }) => Some(ServerFrame::Error { id, code, message }),
+                    };
+                    match answer {
+                        Some(answer) => encode(&answer).map_or(Step::End(End::Gone), Step::Answer),
+                        None => Step::Idle,
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    Step::End(End::Close(close::UNSUPPORTED_DATA, "frames are JSON text"))
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+                    deadline = Instant::now() + heartbeat;
+                    Step::Idle
+                }
+                Some(Ok(Message::Close(_))) => Step::End(End::Gone),
+            },
+            () = sleep_until(deadline) => Step::End(End::Close(close::HEARTBEAT_TIMEOUT, "no frame within the heartbeat timeout")),
+        };
+        match step {
+            Step::Events(first) => {
+                // Boxed: a batch's state lives only while it is written.
+                if let Err(end) = Box::pin(write_batch(state, socket, first, &mut queue_rx)).await {
+                    return end;
                 }
             }
-            incoming = socket.recv(), if pending.is_none() => {
-                let text = match incoming {
-                    None => return End::Gone,
-                    Some(Err(error)) => return read_error(error),
-                    Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Binary(_))) => {
-                        return End::Close(close::UNSUPPORTED_DATA, "frames are JSON text");
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
-                        deadline = Instant::now() + heartbeat;
-                        continue;
-                    }
-                    Some(Ok(Message::Close(_))) => return End::Gone,
-                };
-                deadline = Instant::now() + heartbeat;
-                state.metrics.frames_in.increment(1);
-                // Every frame counts against the limit, well-formed or not.
-                let limited = limiter.check().is_err();
-                let answer = match ClientFrame::parse(&text) {
-                    Ok(frame) if limited => error_frame(Some(frame.id().clone()), &ChatError::RateLimited),
-                    Ok(frame) => {
-                        pending = Some(Box::pin(state.chat.handle(caller, frame)));
-                        continue;
-                    }
-                    Err(FrameError::NotJson) => {
-                        return End::Close(close::INVALID_PAYLOAD, "frame is not a JSON object");
-                    }
-                    Err(FrameError::Invalid { id, .. }) if limited => error_frame(id, &ChatError::RateLimited),
-                    Err(FrameError::Invalid { id, code, message }) => ServerFrame::Error { id, code, message },
-                };
-                if send_frame(state, socket, &answer).await.is_err() {
+            Step::Answer(text) => {
+                if socket.send(Message::Text(text)).await.is_err() {
                     return End::Gone;
                 }
+                state.metrics.frames_out.increment(1);
             }
-            () = sleep_until(deadline) => return End::Close(close::HEARTBEAT_TIMEOUT, "no frame within the heartbeat timeout"),
+            Step::Idle => {}
+            Step::End(end) => return end,
+        }
+    }
+}
+
+/// Encodes a frame for the socket.
+fn encode(frame: &ServerFrame) -> Option<Utf8Bytes> {
+    match serde_json::to_string(frame) {
+        Ok(text) => Some(text.into()),
+        Err(error) => {
+            tracing::error!(%error, "encode frame");
+            None
         }
     }
 }
@@ -231,7 +410,7 @@ async fn serve(
 /// Writes one queued event and whatever else is already queued, then flushes once.
 async fn write_batch(
     state: &AppState,
-    socket: &mut WebSocket,
+    socket: &mut Socket,
     first: Utf8Bytes,
     queue_rx: &mut mpsc::Receiver<Outbound>,
 ) -> Result<(), End> {
@@ -263,15 +442,15 @@ async fn write_batch(
     close_after.map_or(Ok(()), Err)
 }
 
-fn read_error(error: axum::Error) -> End {
-    match error.into_inner().downcast::<tungstenite::Error>() {
-        Ok(error) if matches!(*error, tungstenite::Error::Capacity(_)) => {
+fn read_error(error: tungstenite::Error) -> End {
+    match error {
+        tungstenite::Error::Capacity(_) => {
             End::Close(close::MESSAGE_TOO_BIG, "frame over the size limit")
         }
-        Ok(error) if matches!(*error, tungstenite::Error::Utf8(_)) => {
+        tungstenite::Error::Utf8(_) => {
             End::Close(close::INVALID_PAYLOAD, "text frame is not UTF-8")
         }
-        Ok(error) if matches!(*error, tungstenite::Error::Protocol(_)) => {
+        tungstenite::Error::Protocol(_) => {
             End::Close(close::POLICY_VIOLATION, "websocket protocol error")
         }
         _ => End::Gone,
@@ -286,31 +465,23 @@ fn error_frame(id: Option<ReqId>, error: &ChatError) -> ServerFrame {
     }
 }
 
-async fn send_frame(
-    state: &AppState,
-    socket: &mut WebSocket,
-    frame: &ServerFrame,
-) -> Result<(), ()> {
-    let text =
-        serde_json::to_string(frame).map_err(|error| tracing::error!(%error, "encode frame"))?;
-    socket
-        .send(Message::Text(text.into()))
-        .await
-        .map_err(|_| ())?;
+async fn send_frame(state: &AppState, socket: &mut Socket, frame: &ServerFrame) -> Result<(), ()> {
+    let text = encode(frame).ok_or(())?;
+    socket.send(Message::Text(text)).await.map_err(|_| ())?;
     state.metrics.frames_out.increment(1);
     Ok(())
 }
 
-async fn finish(socket: &mut WebSocket, end: End) {
+async fn finish(socket: &mut Socket, end: End) {
     if let End::Close(code, reason) = end {
         let frame = CloseFrame {
-            code,
+            code: CloseCode::from(code),
             reason: Utf8Bytes::from_static(reason),
         };
         let _ = socket.send(Message::Close(Some(frame))).await;
         // Give the peer a moment to answer the close, as RFC 6455 asks; never wait long.
         let _ = timeout(std::time::Duration::from_secs(2), async {
-            while let Some(Ok(message)) = socket.recv().await {
+            while let Some(Ok(message)) = socket.next().await {
                 if matches!(message, Message::Close(_)) {
                     break;
                 }

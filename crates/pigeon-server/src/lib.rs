@@ -8,7 +8,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use pigeon_bus::LocalBus;
 use pigeon_core::{ChatConfig, ChatService};
@@ -74,23 +73,12 @@ pub async fn run(
     tracing::info!("pigeon listening on http://{addr}");
 
     let stop = cancel.clone();
-    // Acks and events are small and latency-bound: no Nagle delay.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "TCP_NODELAY");
-        }
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down: closing sessions, finishing commits");
         stop.cancel();
-    })
-    .await
-    .context("serving")?;
+    });
+    pigeon_gateway::serve(listener, app, cancel.clone()).await;
 
     tasks.close();
     if tokio::time::timeout(SESSION_DRAIN, tasks.wait())

@@ -59,6 +59,14 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         args.json,
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.duration);
+    // Read the server's memory again just before the sockets close: by then the allocator
+    // has had time to hand back what the handshakes used, so this is what an idle
+    // connection costs for good.
+    let server_pid = args.server_pid;
+    let rss_held = tokio::spawn(async move {
+        tokio::time::sleep_until(deadline - Duration::from_millis(500)).await;
+        server_pid.and_then(common::rss_bytes)
+    });
     let mut holders = Vec::with_capacity(open);
     for (index, socket) in sockets.into_iter().enumerate() {
         let dropped = dropped.clone();
@@ -95,7 +103,8 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         holder.await?;
     }
     progress.finish();
-    let per_conn = match (rss_before, rss_after) {
+    let rss_held = rss_held.await?;
+    let per_conn = |after: Option<u64>| match (rss_before, after) {
         (Some(before), Some(after)) if open > 0 => Some(after.saturating_sub(before) / open as u64),
         _ => None,
     };
@@ -113,8 +122,9 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         "dropped_while_held": dropped.load(Ordering::Relaxed),
         "held_s": args.duration,
         "connects_per_s": (open as f64 / connect_time.as_secs_f64().max(1e-9)).round(),
-        "server_rss_bytes_per_conn": per_conn,
+        "server_rss_bytes_per_conn": per_conn(rss_held),
+        "server_rss_bytes_per_conn_after_connect": per_conn(rss_after),
         "server_cpu_us_per_connect": connect_cpu.map(f64::round),
-        "server_rss_bytes": rss_after,
+        "server_rss_bytes": rss_held,
     }))
 }
