@@ -3,6 +3,7 @@
 //! [`SqliteStore`] is the embedded default: one writer thread commits many requests in one
 //! transaction (group commit) and answers none of them before that commit is durable.
 
+mod common;
 mod sqlite;
 #[cfg(test)]
 mod suite;
