@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use futures::future::join_all;
-use pigeon_proto::{DeviceId, MessageKind, ThreadId, UserId};
+use pigeon_proto::{DeviceId, MarkKind, MessageKind, ThreadId, UserId};
 use tokio_postgres::NoTls;
 
 use super::*;
@@ -372,4 +372,79 @@ async fn connecting_to_nothing_is_unavailable() {
         PostgresStore::connect(&config).await,
         Err(StoreError::Internal(_))
     ));
+}
+
+/// Large groups' member lists come from each node's cache; a membership change made on
+/// another node must show in the very next send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_member_lists_follow_changes_made_on_other_nodes() {
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    let one = PostgresStore::connect(&database.config()).await.unwrap();
+    let two = PostgresStore::connect(&database.config()).await.unwrap();
+    let mut users = Vec::new();
+    for n in 0..members::INLINE_MEMBERS + 6 {
+        users.push(one.create_user(&format!("u{n}"), "h").await.unwrap().id);
+    }
+    let (owner, late) = (users[0], users[users.len() - 1]);
+    let limits = GroupLimits {
+        max_members: 1000,
+        max_groups_per_user: 10,
+    };
+    let actor = Actor {
+        user_id: owner,
+        device_id: DeviceId::new(),
+    };
+    let group = NewGroup {
+        title: "big".into(),
+        topic: None,
+        avatar: None,
+        share_history: false,
+        members: users[1..users.len() - 1].to_vec(),
+    };
+    let thread = one
+        .create_group(actor, group, limits, Box::new(|_| {}))
+        .await
+        .unwrap()
+        .group
+        .thread_id;
+    let message = |n: u32| text(thread, owner, &format!("big{n}"));
+    let send = async |store: &PostgresStore, n: u32| {
+        store.append_message(message(n), Box::new(|_| {})).await
+    };
+    let first = send(&one, 0).await.unwrap();
+    assert_eq!(first.members.len(), users.len() - 1);
+    assert!(!first.members.contains(&late));
+    // Served from node one's cache now; node two adds a member behind its back.
+    assert_eq!(send(&one, 1).await.unwrap().members, first.members);
+    two.change_group(
+        actor,
+        thread,
+        GroupChange::AddMembers(vec![late]),
+        limits,
+        Box::new(|_| {}),
+    )
+    .await
+    .unwrap();
+    let after_add = send(&one, 2).await.unwrap();
+    assert!(after_add.members.contains(&late), "node one saw the add");
+    assert_eq!(one.get_members(thread).await.unwrap(), after_add.members);
+    two.change_group(
+        actor,
+        thread,
+        GroupChange::RemoveMember(late),
+        limits,
+        Box::new(|_| {}),
+    )
+    .await
+    .unwrap();
+    let marker = one
+        .set_marker(thread, owner, MarkKind::Read, 1)
+        .await
+        .unwrap();
+    assert!(!marker.members.contains(&late), "node one saw the removal");
+    assert!(!send(&one, 3).await.unwrap().members.contains(&late));
+    one.close().await;
+    two.close().await;
 }
