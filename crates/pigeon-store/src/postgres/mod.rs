@@ -66,6 +66,9 @@ const MIGRATION_LOCK: i64 = 0x7069_6765_6f6e; // "pigeon"
 /// Idle time before TCP keepalives probe a connection (unless the URL sets less).
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
+/// How long the server lets a session sit idle inside a transaction before ending it.
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(30);
+
 /// Times a transaction runs when it keeps meeting a deadlock or a lost key race.
 const ATTEMPTS: u32 = 5;
 
@@ -126,6 +129,16 @@ impl PostgresStore {
         }
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("pigeon");
+        }
+        // A node cut off mid-transaction would keep its thread's row locked, stalling that
+        // thread on every node, until the server's TCP keepalive gave up (hours): the
+        // server ends such a session instead. Our transactions never wait on a client.
+        let options = pg_config.get_options().unwrap_or_default().to_owned();
+        if !options.contains("idle_in_transaction_session_timeout") {
+            pg_config.options(format!(
+                "{options} -c idle_in_transaction_session_timeout={}",
+                IDLE_IN_TRANSACTION.as_millis()
+            ));
         }
         // Notice a server that vanished without closing within about a minute, not the
         // default two hours.

@@ -448,3 +448,19 @@ async fn cached_member_lists_follow_changes_made_on_other_nodes() {
     one.close().await;
     two.close().await;
 }
+
+#[tokio::test]
+async fn sessions_end_when_idle_inside_a_transaction() {
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PostgresStore::connect(&database.config()).await.unwrap();
+    let client = store.shared.client().await.unwrap();
+    let row = client
+        .query_one("SHOW idle_in_transaction_session_timeout", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "30s");
+    drop(client);
+    store.close().await;
+}
