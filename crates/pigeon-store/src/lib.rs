@@ -2,7 +2,11 @@
 //!
 //! [`SqliteStore`] is the embedded default: one writer thread commits many requests in one
 //! transaction (group commit) and answers none of them before that commit is durable.
+//! [`PostgresStore`] serves several server nodes sharing one PostgreSQL database: row locks,
+//! not in-process state, order seqs and changes, and the same suite checks both backends.
 
+mod common;
+mod postgres;
 mod sqlite;
 #[cfg(test)]
 mod suite;
@@ -15,6 +19,7 @@ use pigeon_proto::{
     Role, ThreadId, ThreadKind, ThreadSettings, ThreadSummary, UserEventRecord, UserId, UserRef,
 };
 
+pub use postgres::{PostgresConfig, PostgresStore};
 pub use sqlite::{SqliteConfig, SqliteStore};
 
 /// Threads with more members than this do not make their members each other's presence
@@ -37,7 +42,8 @@ pub enum StoreError {
     /// A unique key already exists (a username, a token).
     #[error("already exists")]
     Conflict,
-    /// The backend cannot serve requests now (closed, disk full, busy); retrying may work.
+    /// The backend cannot serve requests now (closed, disk full, busy, database
+    /// unreachable); retrying may work.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
     /// The caller's role does not allow the change.
@@ -285,7 +291,7 @@ pub enum PageFrom {
     Newest,
 }
 
-/// Persistent chat state. Implemented by [`SqliteStore`]; a PostgreSQL backend comes next.
+/// Persistent chat state. Implemented by [`SqliteStore`] and [`PostgresStore`].
 ///
 /// Every write is durable when its future resolves `Ok`.
 #[async_trait]

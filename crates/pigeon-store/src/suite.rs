@@ -30,6 +30,10 @@ macro_rules! store_suite {
             groups_record_changes_as_system_messages,
             blocks_stop_direct_messages_and_group_adds,
             user_events_replay_settings_changes,
+            group_changes_and_sends_share_one_seq_order,
+            user_event_seqs_are_gap_free_under_concurrent_writers,
+            crossed_friend_requests_make_friends,
+            concurrent_group_adds_respect_the_per_user_limit,
         );
     };
     (@tests $open:expr; $($name:ident),+ $(,)?) => {
@@ -567,4 +571,196 @@ pub(crate) async fn user_events_replay_settings_changes(store: &dyn Store) {
     assert!(later.events.is_empty());
     let list = store.list_threads(alice).await.unwrap();
     assert!(list[0].muted && list[0].pinned);
+}
+
+pub(crate) async fn group_changes_and_sends_share_one_seq_order(store: &dyn Store) {
+    let owner = user(store, "owner").await;
+    let member = user(store, "member").await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = |seen: &Arc<Mutex<Vec<u64>>>| {
+        let seen = seen.clone();
+        move |seq: u64| seen.lock().unwrap().push(seq)
+    };
+    let group = NewGroup {
+        title: "t0".into(),
+        topic: None,
+        avatar: None,
+        share_history: true,
+        members: vec![member],
+    };
+    let on_create = record(&seen);
+    let created = store
+        .create_group(
+            actor(owner),
+            group,
+            LIMITS,
+            Box::new(move |changed| on_create(changed.message.as_ref().unwrap().seq)),
+        )
+        .await
+        .unwrap();
+    let thread = created.group.thread_id;
+
+    let sends = (0..40).map(|n| {
+        let on_commit = record(&seen);
+        let sender = if n % 2 == 0 { owner } else { member };
+        let store = &*store;
+        async move {
+            store
+                .append_message(
+                    text(thread, sender, &format!("g{n}")),
+                    Box::new(move |appended| on_commit(appended.message.seq)),
+                )
+                .await
+                .map(|appended| appended.message.seq)
+        }
+    });
+    let renames = (1..=10).map(|n| {
+        let on_commit = record(&seen);
+        let change = GroupChange::Update {
+            title: Some(format!("t{n}")),
+            topic: None,
+            avatar: None,
+            share_history: None,
+        };
+        let store = &*store;
+        async move {
+            store
+                .change_group(
+                    actor(owner),
+                    thread,
+                    change,
+                    LIMITS,
+                    Box::new(move |changed| on_commit(changed.message.as_ref().unwrap().seq)),
+                )
+                .await
+                .map(|changed| changed.message.unwrap().seq)
+        }
+    });
+    let (sent, renamed) = futures::join!(join_all(sends), join_all(renames));
+    let mut seqs: Vec<u64> = sent
+        .into_iter()
+        .chain(renamed)
+        .map(|seq| seq.unwrap())
+        .collect();
+    seqs.push(1);
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=51).collect::<Vec<u64>>(),
+        "one gap-free seq order"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        (1..=51).collect::<Vec<u64>>(),
+        "hooks of messages and group changes ran in seq order, once each"
+    );
+    assert_eq!(
+        store.get_membership(thread, member).await.unwrap().last_seq,
+        51
+    );
+}
+
+pub(crate) async fn user_event_seqs_are_gap_free_under_concurrent_writers(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    for n in 0..10 {
+        append(store, text(thread, bob, &format!("e{n}")))
+            .await
+            .unwrap();
+    }
+    let privacy =
+        (0..10).map(|n| async move { store.set_privacy(alice, n % 2 == 0).await.unwrap().seq });
+    let settings = (0..10).map(|n| async move {
+        let patch = SettingsPatch {
+            pinned: Some(n % 2 == 0),
+            ..SettingsPatch::default()
+        };
+        store
+            .set_thread_settings(alice, thread, patch)
+            .await
+            .unwrap()
+            .1
+            .seq
+    });
+    let reads = (1..=10).map(|seq| async move {
+        let update = store
+            .set_marker(thread, alice, MarkKind::Read, seq)
+            .await
+            .unwrap();
+        update.user_event.map(|record| record.seq)
+    });
+    let (privacy, settings, reads) =
+        futures::join!(join_all(privacy), join_all(settings), join_all(reads));
+    let mut seqs: Vec<u64> = privacy
+        .into_iter()
+        .chain(settings)
+        .chain(reads.into_iter().flatten())
+        .collect();
+    seqs.sort_unstable();
+    let written = seqs.len() as u64;
+    assert_eq!(
+        seqs,
+        (1..=written).collect::<Vec<u64>>(),
+        "unique and gap-free"
+    );
+    let page = store.list_user_events(alice, 0, 100).await.unwrap();
+    assert_eq!(page.last_seq, written);
+    assert_eq!(
+        page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=written).collect::<Vec<u64>>()
+    );
+    assert_eq!(
+        store.get_membership(thread, alice).await.unwrap().read_seq,
+        10
+    );
+}
+
+pub(crate) async fn crossed_friend_requests_make_friends(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let (from_alice, from_bob) = futures::join!(
+        store.contact_action(alice, bob, ContactAction::Request),
+        store.contact_action(bob, alice, ContactAction::Request),
+    );
+    from_alice.unwrap();
+    from_bob.unwrap();
+    for (owner, peer) in [(alice, bob), (bob, alice)] {
+        let contacts = store.list_contacts(owner).await.unwrap();
+        assert_eq!(contacts.len(), 1);
+        assert_eq!(contacts[0].user_id, peer);
+        assert_eq!(contacts[0].state, Some(ContactState::Friend));
+    }
+}
+
+pub(crate) async fn concurrent_group_adds_respect_the_per_user_limit(store: &dyn Store) {
+    let popular = user(store, "popular").await;
+    let mut creators = Vec::new();
+    for n in 0..5 {
+        creators.push(user(store, &format!("creator{n}")).await);
+    }
+    let limits = GroupLimits {
+        max_members: 4,
+        max_groups_per_user: 2,
+    };
+    let creations = creators.iter().map(|creator| {
+        let group = NewGroup {
+            title: "g".into(),
+            topic: None,
+            avatar: None,
+            share_history: false,
+            members: vec![popular],
+        };
+        store.create_group(actor(*creator), group, limits, Box::new(|_| {}))
+    });
+    let results = join_all(creations).await;
+    let created = results.iter().filter(|result| result.is_ok()).count();
+    assert_eq!(created, 2, "popular joins at most 2 groups");
+    assert!(
+        results
+            .iter()
+            .filter_map(|result| result.as_ref().err())
+            .all(|error| matches!(error, StoreError::LimitExceeded(_)))
+    );
 }

@@ -10,7 +10,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use deadpool_sqlite::{Pool, Runtime};
@@ -22,6 +22,9 @@ use pigeon_proto::{
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::common::{
+    decode_body, message_kind, message_kind_str, now_ms, thread_kind, to_i64, to_u64,
+};
 use crate::{
     Actor, Appended, CommitHook, ContactChanged, Device, GroupChange, GroupChanged, GroupLimits,
     Hook, MarkerUpdate, Membership, NewGroup, NewMessage, PageFrom, Result, SeqRange,
@@ -642,7 +645,7 @@ impl Store for SqliteStore {
     }
 
     async fn find_groups(&self, members: Vec<UserId>) -> Result<Vec<GroupInfo>> {
-        let hash = social::participants_hash(&members);
+        let hash = crate::common::participants_hash(&members);
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id FROM threads WHERE participants_hash = ?1 AND kind = 'group' AND closed = 0 ORDER BY updated_at DESC",
@@ -1183,12 +1186,7 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
 /// id, thread_id, seq, sender_id, sender_device_id, client_msg_id, kind, body, created_at.
 fn message_from_row_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Message> {
     let kind = message_kind(row.get_ref(at + 6)?.as_str()?);
-    let body: String = row.get(at + 7)?;
-    // A system message's body is its event as JSON; on the wire it is the `system` field.
-    let (body, system) = match kind {
-        MessageKind::System => (String::new(), serde_json::from_str(&body).ok()),
-        MessageKind::Text => (body, None),
-    };
+    let (body, system) = decode_body(kind, row.get(at + 7)?);
     Ok(Message {
         message_id: MessageId::from_bytes(row.get(at)?),
         thread_id: ThreadId::from_bytes(row.get(at + 1)?),
@@ -1201,44 +1199,6 @@ fn message_from_row_at(row: &Row<'_>, at: usize) -> rusqlite::Result<Message> {
         system,
         created_at: row.get(at + 8)?,
     })
-}
-
-fn message_kind(stored: &str) -> MessageKind {
-    if stored == "system" {
-        MessageKind::System
-    } else {
-        MessageKind::Text
-    }
-}
-
-fn message_kind_str(kind: MessageKind) -> &'static str {
-    match kind {
-        MessageKind::Text => "text",
-        MessageKind::System => "system",
-    }
-}
-
-fn thread_kind(kind: &str) -> ThreadKind {
-    if kind == "group" {
-        ThreadKind::Group
-    } else {
-        ThreadKind::Direct
-    }
-}
-
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn map_err(error: rusqlite::Error) -> StoreError {

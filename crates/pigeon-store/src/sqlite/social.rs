@@ -12,16 +12,13 @@ use pigeon_proto::{
     ThreadId, ThreadKind, ThreadSettings, UserEvent, UserEventRecord, UserId,
 };
 use rusqlite::{Connection, OptionalExtension, params};
-use sha2::{Digest, Sha256};
 
-use super::{WriterState, insert_message, now_ms, to_i64, to_u64};
+use super::{WriterState, insert_message};
+use crate::common::{now_ms, participants_hash, to_i64, to_u64, user_events_prune_upto};
 use crate::{
     Actor, ContactChanged, GroupChange, GroupChanged, GroupLimits, NewGroup, Result, SettingsPatch,
     StoreError,
 };
-
-/// Events kept per user; older ones are pruned and a client behind them refetches lists.
-pub(super) const USER_EVENTS_KEPT: u64 = 1000;
 
 /// Appends an event to a user's log and returns it with its seq.
 pub(super) fn append_user_event(
@@ -39,9 +36,9 @@ pub(super) fn append_user_event(
         "INSERT INTO user_events (user_id, seq, body, created_at) VALUES (?1, ?2, ?3, ?4)",
     )?
     .execute(params![user_id.as_bytes(), to_i64(seq), body, now_ms()])?;
-    if seq.is_multiple_of(100) && seq > USER_EVENTS_KEPT {
+    if let Some(upto) = user_events_prune_upto(seq) {
         conn.prepare_cached("DELETE FROM user_events WHERE user_id = ?1 AND seq <= ?2")?
-            .execute(params![user_id.as_bytes(), to_i64(seq - USER_EVENTS_KEPT)])?;
+            .execute(params![user_id.as_bytes(), to_i64(upto)])?;
     }
     Ok(UserEventRecord { seq, event })
 }
@@ -472,18 +469,6 @@ fn promote_successor(conn: &Connection, thread_id: ThreadId) -> Result<Option<Us
     };
     set_role(conn, thread_id, successor, Role::Owner)?;
     Ok(Some(successor))
-}
-
-/// The participants hash: SHA-256 over the sorted member ids.
-pub(super) fn participants_hash(members: &[UserId]) -> [u8; 32] {
-    let mut sorted = members.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut hasher = Sha256::new();
-    for member in sorted {
-        hasher.update(member.as_bytes());
-    }
-    hasher.finalize().into()
 }
 
 fn set_participants(conn: &Connection, thread_id: ThreadId, members: &[UserId]) -> Result<()> {

@@ -1,0 +1,121 @@
+//! The per-user event log for multi-device sync, bounded to the newest events.
+
+use deadpool_postgres::Transaction;
+use pigeon_proto::{UserEvent, UserEventRecord, UserId};
+use tokio_postgres::types::ToSql;
+
+use super::Shared;
+use super::error::PgResult;
+use super::sql::{execute, query, query_one, uuids};
+use crate::common::{now_ms, to_i64, to_u64, user_events_prune_upto};
+use crate::{StoreError, UserEventsPage};
+
+/// Appends one event to each user's log (each user at most once) and returns the records
+/// in the order given. Each user's `last_event_seq` is taken under their row's lock, in id
+/// order, so concurrent writers of one log get consecutive seqs and never deadlock here.
+pub(super) async fn append_user_events(
+    tx: &Transaction<'_>,
+    events: Vec<(UserId, UserEvent)>,
+) -> PgResult<Vec<(UserId, UserEventRecord)>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let users: Vec<UserId> = events.iter().map(|(user, _)| *user).collect();
+    let ids = uuids(&users);
+    let (_, rows) = futures::future::try_join(
+        query(
+            tx,
+            "SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+            &[&ids],
+        ),
+        query(
+            tx,
+            "UPDATE users SET last_event_seq = last_event_seq + 1 WHERE id = ANY($1)
+             RETURNING id, last_event_seq",
+            &[&ids],
+        ),
+    )
+    .await?;
+    let mut seqs = std::collections::HashMap::with_capacity(rows.len());
+    for row in &rows {
+        seqs.insert(UserId::from_uuid(row.try_get(0)?), to_u64(row.try_get(1)?));
+    }
+
+    let mut records = Vec::with_capacity(events.len());
+    let (mut seq_column, mut bodies, mut prune_users, mut prune_upto) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (user, event) in events {
+        let seq = *seqs.get(&user).ok_or(StoreError::UnknownUser)?;
+        bodies
+            .push(serde_json::to_string(&event).map_err(|e| StoreError::Internal(e.to_string()))?);
+        seq_column.push(to_i64(seq));
+        if let Some(upto) = user_events_prune_upto(seq) {
+            prune_users.push(*user.as_uuid());
+            prune_upto.push(to_i64(upto));
+        }
+        records.push((user, UserEventRecord { seq, event }));
+    }
+    let now = now_ms();
+    let insert_params: [&(dyn ToSql + Sync); 4] = [&ids, &seq_column, &bodies, &now];
+    let insert = execute(
+        tx,
+        "INSERT INTO user_events (user_id, seq, body, created_at)
+         SELECT user_id, seq, body, $4 FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS e(user_id, seq, body)",
+        &insert_params,
+    );
+    if prune_users.is_empty() {
+        insert.await?;
+    } else {
+        let prune_params: [&(dyn ToSql + Sync); 2] = [&prune_users, &prune_upto];
+        let prune = execute(
+            tx,
+            "DELETE FROM user_events e USING unnest($1::uuid[], $2::bigint[]) AS p(user_id, upto)
+             WHERE e.user_id = p.user_id AND e.seq <= p.upto",
+            &prune_params,
+        );
+        futures::future::try_join(insert, prune).await?;
+    }
+    Ok(records)
+}
+
+pub(super) async fn list_user_events(
+    shared: &Shared,
+    user_id: UserId,
+    after: u64,
+    limit: u32,
+) -> PgResult<UserEventsPage> {
+    let client = shared.client().await?;
+    let (bounds, rows) = futures::future::try_join(
+        query_one(
+            &client,
+            "SELECT min(seq), max(seq) FROM user_events WHERE user_id = $1",
+            &[user_id.as_uuid()],
+        ),
+        query(
+            &client,
+            "SELECT seq, body FROM user_events WHERE user_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            &[user_id.as_uuid(), &to_i64(after), &i64::from(limit)],
+        ),
+    ).await?;
+    let oldest = to_u64(bounds.try_get::<_, Option<i64>>(0)?.unwrap_or(0));
+    let last_seq = to_u64(bounds.try_get::<_, Option<i64>>(1)?.unwrap_or(0));
+    // Pruned events between the client's cursor and the oldest kept one: reset.
+    let reset = oldest > after.saturating_add(1) && last_seq > after;
+    let events = rows
+        .iter()
+        .map(|row| {
+            let body: &str = row.try_get(1)?;
+            let event = serde_json::from_str(body)
+                .map_err(|e| StoreError::Internal(format!("user event: {e}")))?;
+            Ok(UserEventRecord {
+                seq: to_u64(row.try_get(0)?),
+                event,
+            })
+        })
+        .collect::<PgResult<Vec<_>>>()?;
+    Ok(UserEventsPage {
+        events,
+        last_seq,
+        reset,
+    })
+}
