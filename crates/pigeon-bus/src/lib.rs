@@ -4,12 +4,17 @@
 //! already encoded once. A node subscribes for the users connected to it; the bus hands
 //! every envelope for those users to the node's [`Deliver`] sink. [`LocalBus`] is the
 //! single-node backend: publishing is a direct call, nothing waits on a network.
+//! [`NatsBus`] is the cluster backend, over core NATS.
+
+mod nats;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use pigeon_proto::{DeviceId, UserId};
+
+pub use nats::NatsBus;
 
 /// Why a bus operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -46,6 +51,10 @@ pub struct Envelope {
 pub trait Deliver: Send + Sync + 'static {
     /// Hands one envelope to the local connections of its users.
     fn deliver(&self, envelope: &Envelope);
+
+    /// Events for local connections may have been lost (the bus was cut off): ask every
+    /// local connection to reconnect or reset, so its client syncs from the store.
+    fn resync(&self);
 }
 
 /// Routes envelopes to the nodes where their users are connected.
@@ -57,6 +66,10 @@ pub trait Bus: Send + Sync + 'static {
     async fn subscribe(&self, user: UserId) -> Result<(), BusError>;
     /// Stops routing envelopes for `user` to this node.
     async fn unsubscribe(&self, user: UserId) -> Result<(), BusError>;
+    /// Whether events can reach other nodes now (for `/healthz`).
+    fn is_healthy(&self) -> bool {
+        true
+    }
 }
 
 /// The single-node bus: every user is local, so publishing hands the envelope straight
@@ -101,6 +114,8 @@ mod tests {
         fn deliver(&self, envelope: &Envelope) {
             self.0.lock().unwrap().push(envelope.clone());
         }
+
+        fn resync(&self) {}
     }
 
     #[test]

@@ -48,6 +48,12 @@ struct ServeArgs {
     /// Folder for the database.
     #[arg(long, env = "PIGEON_DATA_DIR", default_value = "./pigeon-data")]
     data_dir: PathBuf,
+    /// PostgreSQL instead of SQLite, for a cluster: `postgres://user@host:5432/db`.
+    #[arg(long, env = "PIGEON_DATABASE")]
+    database: Option<String>,
+    /// NATS instead of the in-process bus, for a cluster: `nats://host:4222`.
+    #[arg(long, env = "PIGEON_BUS")]
+    bus: Option<String>,
     /// Seconds of silence after which a connection is closed (fractions allowed).
     #[arg(long, env = "PIGEON_HEARTBEAT_TIMEOUT", default_value_t = 60.0, value_parser = positive_seconds)]
     heartbeat_timeout: f64,
@@ -127,6 +133,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig {
         listen: args.listen,
         data_dir: args.data_dir,
+        database: args.database.filter(|url| !url.is_empty()),
+        bus: args.bus.filter(|url| !url.is_empty()),
         chat: ChatConfig {
             max_body_bytes: args.max_body_bytes,
             max_group_members: args.max_group_members,

@@ -60,6 +60,15 @@ pub struct Caller {
     pub conn: Option<ConnId>,
 }
 
+/// What `/healthz` reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Health {
+    /// The store answered a read.
+    pub store: bool,
+    /// The bus can reach other nodes (always true for the in-process bus).
+    pub bus: bool,
+}
+
 /// The chat service. One per node, shared by every connection.
 pub struct ChatService {
     pub(crate) store: Arc<dyn Store>,
@@ -99,6 +108,14 @@ impl ChatService {
     /// Returns the store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Whether the store answers and the bus can reach other nodes.
+    pub async fn health(&self) -> Health {
+        Health {
+            store: self.store.ping().await.is_ok(),
+            bus: self.bus.is_healthy(),
+        }
     }
 
     /// Answers one request. Failures become `error` frames carrying the request id.

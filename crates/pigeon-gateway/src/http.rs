@@ -290,8 +290,24 @@ pub(crate) async fn rpc(
 }
 
 /// `GET /healthz`
+/// `GET /healthz`: 200 when the store answers and the bus is connected, else 503, so a
+/// load balancer stops sending clients to a node that cannot serve them.
 pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
-    Json(json!({ "status": "ok", "connections": state.registry.len() })).into_response()
+    let health = state.chat.health().await;
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let ok = health.store && health.bus;
+    let body = json!({
+        "status": word(ok),
+        "store": word(health.store),
+        "bus": word(health.bus),
+        "connections": state.registry.len(),
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.

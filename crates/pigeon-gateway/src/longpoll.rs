@@ -90,6 +90,15 @@ impl PollSession {
         self.newest_tx.send_replace(newest);
     }
 
+    /// Marks the stream broken: the next poll answers `reset`, and the client syncs.
+    pub(crate) fn lose(&self) {
+        let mut state = self.lock();
+        state.overflowed = true;
+        state.events = VecDeque::new();
+        drop(state);
+        self.newest_tx.send_modify(|_| {});
+    }
+
     /// Ends the session: its device was revoked.
     pub(crate) fn revoke(&self) {
         self.lock().revoked = true;

@@ -91,6 +91,33 @@ impl Registry {
 }
 
 impl Deliver for Registry {
+    fn resync(&self) {
+        let mut count = 0usize;
+        for mut entry in self.users.iter_mut() {
+            for conn in entry.value_mut() {
+                count += 1;
+                match &mut conn.sink {
+                    Sink::Socket(queue) => {
+                        if queue
+                            .try_send(Outbound::Close(
+                                close::TRY_AGAIN_LATER,
+                                "events may have been lost; reconnect and sync",
+                            ))
+                            .is_err()
+                        {
+                            queue.close_channel();
+                        }
+                    }
+                    Sink::Poll(session) => session.lose(),
+                }
+            }
+        }
+        tracing::warn!(
+            connections = count,
+            "asked every local connection to sync again"
+        );
+    }
+
     fn deliver(&self, envelope: &Envelope) {
         match &envelope.payload {
             Payload::Frame(bytes) => {

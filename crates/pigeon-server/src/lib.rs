@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use pigeon_bus::LocalBus;
+use pigeon_bus::{Bus, LocalBus, NatsBus};
 use pigeon_core::{ChatConfig, ChatService};
 use pigeon_gateway::{GatewayConfig, Registry};
-use pigeon_store::{SqliteConfig, SqliteStore};
+use pigeon_store::{PostgresConfig, PostgresStore, SqliteConfig, SqliteStore, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,8 +22,12 @@ use tokio_util::task::TaskTracker;
 pub struct ServerConfig {
     /// Address to listen on (port 0 picks a free one).
     pub listen: SocketAddr,
-    /// Folder holding the SQLite database.
+    /// Folder holding the SQLite database (unused with `database`).
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL: store everything there instead of SQLite (cluster mode).
+    pub database: Option<String>,
+    /// A NATS URL: route events between nodes over NATS instead of in-process.
+    pub bus: Option<String>,
     /// Chat limits.
     pub chat: ChatConfig,
     /// Gateway limits and timings.
@@ -49,11 +53,35 @@ pub async fn run(
         ),
         Err(error) => tracing::warn!(%error, "could not raise the open files limit"),
     }
-    let store = SqliteStore::open(&SqliteConfig::in_dir(&config.data_dir))
-        .with_context(|| format!("opening the database in {}", config.data_dir.display()))?;
+    let store: Arc<dyn Store> = match &config.database {
+        Some(url) => {
+            let store = PostgresStore::connect(&PostgresConfig::new(url.clone()))
+                .await
+                .context("connecting to PostgreSQL")?;
+            tracing::info!("storing data in PostgreSQL");
+            Arc::new(store)
+        }
+        None => {
+            let store =
+                SqliteStore::open(&SqliteConfig::in_dir(&config.data_dir)).with_context(|| {
+                    format!("opening the database in {}", config.data_dir.display())
+                })?;
+            tracing::info!(data_dir = %config.data_dir.display(), "storing data in {}", config.data_dir.join("pigeon.db").display());
+            Arc::new(store)
+        }
+    };
     let registry = Arc::new(Registry::new());
-    let bus = Arc::new(LocalBus::new(registry.clone()));
-    let chat = ChatService::new(Arc::new(store), bus, config.chat.clone());
+    let bus: Arc<dyn Bus> = match &config.bus {
+        Some(url) => {
+            let bus = NatsBus::connect(url, registry.clone())
+                .await
+                .with_context(|| format!("connecting to NATS at {url}"))?;
+            tracing::info!("routing events over NATS");
+            bus
+        }
+        None => Arc::new(LocalBus::new(registry.clone())),
+    };
+    let chat = ChatService::new(store, bus, config.chat.clone());
 
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -69,7 +97,6 @@ pub async fn run(
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(data_dir = %config.data_dir.display(), "storing data in {}", config.data_dir.join("pigeon.db").display());
     tracing::info!("pigeon listening on http://{addr}");
 
     let stop = cancel.clone();

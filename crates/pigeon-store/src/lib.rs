@@ -10,6 +10,8 @@ mod postgres;
 mod sqlite;
 #[cfg(test)]
 mod suite;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 
 use std::sync::Arc;
 
@@ -428,4 +430,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes pending writes and stops accepting new ones.
     async fn close(&self);
+
+    /// Checks that the backend answers (for `/healthz`): one cheap read.
+    async fn ping(&self) -> Result<()> {
+        self.get_user(UserId::from_bytes([0; 16])).await.map(|_| ())
+    }
 }

@@ -5,6 +5,7 @@ mod support;
 mod bench;
 mod chat;
 mod cli;
+mod cluster;
 mod contacts;
 mod crash;
 mod errors;

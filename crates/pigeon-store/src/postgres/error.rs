@@ -126,7 +126,7 @@ fn map_pool(error: PoolError) -> StoreError {
 
 /// The error with its cause: tokio-postgres' own text ("error connecting to server") hides
 /// the interesting part in its source.
-pub(super) fn describe(error: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(error: &tokio_postgres::Error) -> String {
     match error.source() {
         Some(source) => format!("{error}: {source}"),
         None => error.to_string(),

@@ -45,7 +45,7 @@ use crate::{
 
 mod accounts;
 mod contacts;
-mod error;
+pub(crate) mod error;
 mod groups;
 mod locks;
 mod members;

@@ -5,126 +5,14 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`); set it to the empty string to skip these
 //! tests. When it is unset and nothing answers there, the tests fail.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
 use pigeon_proto::{DeviceId, MarkKind, MessageKind, ThreadId, UserId};
-use tokio_postgres::NoTls;
 
 use super::*;
-
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
-/// A fresh database on the test server, dropped (with its connections) when this is.
-struct TestDatabase {
-    admin_url: String,
-    name: String,
-}
-
-impl TestDatabase {
-    /// Creates the database; `None` (with the reason printed) when PostgreSQL tests are
-    /// switched off by an empty `PIGEON_TEST_POSTGRES_URL`.
-    async fn create() -> Option<Self> {
-        let admin_url = match std::env::var("PIGEON_TEST_POSTGRES_URL") {
-            Ok(url) if url.is_empty() => {
-                // Straight to stderr, past the test harness' capture, so the skip shows.
-                static SAID: Once = Once::new();
-                SAID.call_once(|| {
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "skipping the PostgreSQL tests: PIGEON_TEST_POSTGRES_URL is empty"
-                    );
-                });
-                return None;
-            }
-            Ok(url) => url,
-            Err(_) => DEFAULT_URL.to_owned(),
-        };
-        let name = format!("pigeon_test_{}", uuid::Uuid::now_v7().simple());
-        let admin = admin_client(&admin_url).await.unwrap_or_else(|error| {
-            panic!(
-                "PostgreSQL at {admin_url} is unreachable ({error}); start it, point \
-                 PIGEON_TEST_POSTGRES_URL at one, or set it empty to skip these tests"
-            )
-        });
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap_or_else(|error| panic!("create database {name}: {}", describe(&error)));
-        Some(Self { admin_url, name })
-    }
-
-    fn config(&self) -> PostgresConfig {
-        PostgresConfig {
-            pool_size: 8,
-            ..PostgresConfig::new(with_dbname(&self.admin_url, &self.name))
-        }
-    }
-
-    async fn admin(&self) -> tokio_postgres::Client {
-        admin_client(&self.admin_url)
-            .await
-            .expect("admin connection")
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        // Drop runs inside the test's runtime, which must not block on itself: the drop
-        // gets a thread and a runtime of its own.
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|error| error.to_string())?;
-            runtime.block_on(async {
-                let admin = admin_client(&admin_url).await?;
-                admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                    .map_err(|error| describe(&error))
-            })
-        })
-        .join();
-        match dropped {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => eprintln!("could not drop test database {}: {error}", self.name),
-            Err(_) => eprintln!("could not drop test database {}", self.name),
-        }
-    }
-}
-
-async fn admin_client(url: &str) -> std::result::Result<tokio_postgres::Client, String> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|error| describe(&error))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            eprintln!("admin connection: {}", describe(&error));
-        }
-    });
-    Ok(client)
-}
-
-/// The same connection string naming another database.
-fn with_dbname(url: &str, dbname: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        // key=value form: a later key wins.
-        return format!("{url} dbname={dbname}");
-    };
-    let (base, query) = match url.find('?') {
-        Some(at) => url.split_at(at),
-        None => (url, ""),
-    };
-    let authority_end = base[scheme_end + 3..]
-        .find('/')
-        .map_or(base.len(), |at| scheme_end + 3 + at);
-    format!("{}/{dbname}{query}", &base[..authority_end])
-}
+use crate::testing::TestDatabase;
 
 async fn fresh() -> Option<(Arc<dyn Store>, TestDatabase)> {
     let database = TestDatabase::create().await?;
@@ -148,23 +36,6 @@ fn text(thread_id: ThreadId, sender_id: UserId, client_msg_id: &str) -> NewMessa
         kind: MessageKind::Text,
         body: format!("body of {client_msg_id}"),
     }
-}
-
-#[test]
-fn connection_strings_get_the_test_database_name() {
-    assert_eq!(
-        with_dbname("postgres://postgres@127.0.0.1:5432/postgres", "t1"),
-        "postgres://postgres@127.0.0.1:5432/t1"
-    );
-    assert_eq!(
-        with_dbname("postgresql://u:p@db/x?sslmode=disable", "t1"),
-        "postgresql://u:p@db/t1?sslmode=disable"
-    );
-    assert_eq!(with_dbname("postgres://db", "t1"), "postgres://db/t1");
-    assert_eq!(
-        with_dbname("host=/run/postgresql user=postgres", "t1"),
-        "host=/run/postgresql user=postgres dbname=t1"
-    );
 }
 
 /// Three stores on one database stand for three server nodes.
@@ -301,7 +172,7 @@ async fn requests_fail_as_unavailable_while_the_database_is_gone_then_recover() 
     let store = PostgresStore::connect(&database.config()).await.unwrap();
     let alice = store.create_user("alice", "h").await.unwrap().id;
     let admin = database.admin().await;
-    let name = &database.name;
+    let name = database.name();
     admin
         .batch_execute(&format!(
             "ALTER DATABASE {name} ALLOW_CONNECTIONS false;

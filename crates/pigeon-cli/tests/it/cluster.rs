@@ -1,0 +1,548 @@
+//! Cluster mode: several `pigeon serve` nodes on one PostgreSQL database and NATS.
+//!
+//! Each test gets a fresh database (`pigeon_store::testing`). NATS is the machine's
+//! (`PIGEON_TEST_NATS_URL`, default `nats://127.0.0.1:4222`), except where a test restarts
+//! NATS: that one runs a `nats-server` of its own. An empty `PIGEON_TEST_POSTGRES_URL` or
+//! `PIGEON_TEST_NATS_URL` skips these tests, saying so; otherwise a missing service fails
+//! them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use pigeon_client::{Client, ClientConfig, Event, Events, Target};
+use pigeon_proto::{MessageKind, ThreadId};
+use pigeon_store::testing::TestDatabase;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+use crate::support::{PASSWORD, Server, WAIT};
+
+const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
+
+/// The NATS URL for tests, or `None` (said once) when switched off.
+fn nats_url() -> Option<String> {
+    match std::env::var("PIGEON_TEST_NATS_URL") {
+        Ok(url) if url.is_empty() => {
+            eprintln!("skipping a cluster test: PIGEON_TEST_NATS_URL is empty");
+            None
+        }
+        Ok(url) => Some(url),
+        Err(_) => Some(DEFAULT_NATS.to_owned()),
+    }
+}
+
+/// Nodes sharing one fresh database and one NATS.
+struct Cluster {
+    nodes: Vec<Server>,
+    // Dropped after the nodes (fields drop in order), so no node holds a connection.
+    _database: TestDatabase,
+}
+
+impl Cluster {
+    async fn start(count: usize) -> Option<Self> {
+        let nats = nats_url()?;
+        Self::start_with(count, &nats).await
+    }
+
+    async fn start_with(count: usize, nats: &str) -> Option<Self> {
+        let database = TestDatabase::create().await?;
+        let args: Vec<String> = [
+            "--database",
+            &database.url(),
+            "--bus",
+            nats,
+            "--rate-limit",
+            "100000",
+            "--rate-burst",
+            "100000",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let mut nodes = Vec::new();
+        for _ in 0..count {
+            nodes.push(Self::node(&args));
+        }
+        Some(Self {
+            nodes,
+            _database: database,
+        })
+    }
+
+    fn node(args: &[String]) -> Server {
+        Server::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// Logs `name` in on `node` and connects an SDK client there.
+    async fn client(&self, node: usize, name: &str) -> (Client, Events) {
+        client_at(&self.nodes[node].base_url(), name).await
+    }
+}
+
+async fn client_at(base: &str, name: &str) -> (Client, Events) {
+    let session = pigeon_client::login(base, name, PASSWORD, "cluster")
+        .await
+        .unwrap();
+    let mut config = ClientConfig::new(base, &session.token);
+    config.reconnect_max = Duration::from_millis(500);
+    Client::connect(config).unwrap()
+}
+
+/// Collects text messages until `count` have arrived, per thread in arrival order; system
+/// messages are checked for order too but not counted.
+async fn collect(mut events: Events, count: usize) -> BTreeMap<ThreadId, Vec<(u64, String)>> {
+    let mut threads: BTreeMap<ThreadId, Vec<(u64, String)>> = BTreeMap::new();
+    let mut texts = 0;
+    while texts < count {
+        match tokio::time::timeout(Duration::from_secs(60), events.next()).await {
+            Ok(Some(Event::Message(message))) => {
+                if message.kind == MessageKind::Text {
+                    texts += 1;
+                }
+                threads
+                    .entry(message.thread_id)
+                    .or_default()
+                    .push((message.seq, message.body));
+            }
+            Ok(Some(Event::Fatal(error))) => panic!("client stopped: {error}"),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("client ended after {texts} messages"),
+            Err(_) => panic!("no message for 60 s after {texts} of {count}"),
+        }
+    }
+    threads
+}
+
+/// Asserts a thread's messages came once each, in seq order from 1.
+fn assert_once_in_order(who: &str, messages: &[(u64, String)]) {
+    let seqs: Vec<u64> = messages.iter().map(|(seq, _)| *seq).collect();
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "{who}: every message once, in seq order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_deliver_every_message_once_in_order() {
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    cluster.nodes[0].user("alice").await;
+    cluster.nodes[1].user("bob").await;
+    cluster.nodes[2].user("carol").await;
+    // alice has a device on node 0 and another on node 2; bob is on 1; carol on 2.
+    let (alice, alice_events) = cluster.client(0, "alice").await;
+    let (_alice_tab, alice_tab_events) = cluster.client(2, "alice").await;
+    let (bob, bob_events) = cluster.client(1, "bob").await;
+    let (carol, carol_events) = cluster.client(2, "carol").await;
+    let group = alice
+        .create_group("three nodes", &["bob", "carol"])
+        .await
+        .unwrap();
+
+    let direct = 60;
+    let per_member = 40;
+    // alice's and bob's devices see both threads; carol only the group.
+    let both = 2 * direct + 3 * per_member;
+    let seen = [
+        ("alice", tokio::spawn(collect(alice_events, both))),
+        ("alice's tab", tokio::spawn(collect(alice_tab_events, both))),
+        ("bob", tokio::spawn(collect(bob_events, both))),
+        ("carol", tokio::spawn(collect(carol_events, 3 * per_member))),
+    ];
+
+    let mut sends = Vec::new();
+    for (client, name, peer) in [(&alice, "alice", "bob"), (&bob, "bob", "alice")] {
+        for n in 0..direct {
+            let client = client.clone();
+            sends.push(tokio::spawn(async move {
+                client
+                    .send_text(Target::User(peer.into()), format!("{name} {n}"))
+                    .await
+                    .unwrap()
+                    .seq
+            }));
+        }
+    }
+    let mut group_sends = Vec::new();
+    for (client, name) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
+        for n in 0..per_member {
+            let client = client.clone();
+            group_sends.push(tokio::spawn(async move {
+                client
+                    .send_text(
+                        Target::Thread(group.thread_id),
+                        format!("{name} in group {n}"),
+                    )
+                    .await
+                    .unwrap()
+                    .seq
+            }));
+        }
+    }
+    let mut direct_seqs = Vec::new();
+    for send in sends {
+        direct_seqs.push(send.await.unwrap());
+    }
+    direct_seqs.sort_unstable();
+    assert_eq!(
+        direct_seqs,
+        (1..=2 * direct as u64).collect::<Vec<_>>(),
+        "senders on two nodes: gap-free, unique seqs"
+    );
+    let mut group_seqs = Vec::new();
+    for send in group_sends {
+        group_seqs.push(send.await.unwrap());
+    }
+    group_seqs.sort_unstable();
+    group_seqs.dedup();
+    assert_eq!(group_seqs.len(), 3 * per_member, "group seqs are unique");
+    assert_eq!(
+        group_seqs.last().unwrap() - group_seqs.first().unwrap() + 1,
+        3 * per_member as u64,
+        "group seqs from three nodes have no gap"
+    );
+
+    for (who, collected) in seen {
+        let threads = collected.await.unwrap();
+        for messages in threads.values() {
+            assert_once_in_order(who, messages);
+        }
+        let group_texts = threads[&group.thread_id]
+            .iter()
+            .filter(|(_, body)| body.contains(" in group "))
+            .count();
+        assert_eq!(group_texts, 3 * per_member, "{who}: every group message");
+    }
+    for node in &cluster.nodes {
+        assert!(
+            node.metric("pigeon_bus_received_total").await > 0.0,
+            "events crossed nodes over NATS"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_on_three_nodes_share_one_gap_free_sequence() {
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let names = ["ann", "ben", "cat"];
+    for (node, name) in names.iter().enumerate() {
+        cluster.nodes[node].user(name).await;
+    }
+    let mut clients = Vec::new();
+    for (node, name) in names.iter().enumerate() {
+        clients.push(cluster.client(node, name).await.0);
+    }
+    let group = clients[0]
+        .create_group("race", &["ben", "cat"])
+        .await
+        .unwrap();
+    let per_node = 100;
+    let mut sends = Vec::new();
+    for client in &clients {
+        for n in 0..per_node {
+            let client = client.clone();
+            sends.push(tokio::spawn(async move {
+                client
+                    .send_text(Target::Thread(group.thread_id), format!("{n}"))
+                    .await
+                    .unwrap()
+                    .seq
+            }));
+        }
+    }
+    let mut seqs = BTreeSet::new();
+    for send in sends {
+        assert!(seqs.insert(send.await.unwrap()), "a seq was given twice");
+    }
+    let first = *seqs.first().unwrap();
+    assert_eq!(
+        seqs.into_iter().collect::<Vec<_>>(),
+        (first..first + 3 * per_node as u64).collect::<Vec<_>>(),
+        "one gap-free sequence across three nodes"
+    );
+}
+
+/// Sends `per_client` messages each way between two clients, counting acks.
+fn burst(
+    a: (&Client, &'static str),
+    b: (&Client, &'static str),
+    per_client: usize,
+    acked: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Vec<u64>>> {
+    [(a.0, a.1, b.1), (b.0, b.1, a.1)]
+        .into_iter()
+        .map(|(client, from, to)| {
+            let client = client.clone();
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                futures::stream::iter(0..per_client)
+                    .map(|n| {
+                        let client = client.clone();
+                        let acked = acked.clone();
+                        async move {
+                            let sent = client
+                                .send_text(Target::User(to.into()), format!("{from} {n}"))
+                                .await
+                                .unwrap();
+                            acked.fetch_add(1, Ordering::Relaxed);
+                            sent.seq
+                        }
+                    })
+                    .buffer_unordered(32)
+                    .collect::<Vec<u64>>()
+                    .await
+            })
+        })
+        .collect()
+}
+
+/// Waits for every send of a burst; asserts seqs 1..=total, once each.
+async fn assert_burst_acked(sends: Vec<tokio::task::JoinHandle<Vec<u64>>>, total: usize) {
+    let mut seqs = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut all = Vec::new();
+        for send in sends {
+            all.extend(send.await.unwrap());
+        }
+        all
+    })
+    .await
+    .expect("every send acknowledged");
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=total as u64).collect::<Vec<_>>(),
+        "every send stored once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_during_a_burst_loses_and_duplicates_nothing() {
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    cluster.nodes[0].user("alice").await;
+    cluster.nodes[0].user("bob").await;
+    // Clients reach the nodes through a balancer, as in production: alice lands on node 0,
+    // bob on node 1; when node 0 dies, alice reconnects to whichever node is alive.
+    let balancer = Balancer::start(cluster.nodes.iter().map(|n| n.addr).collect()).await;
+    let base = format!("http://{}", balancer.addr);
+    let (alice, alice_events) = client_at(&base, "alice").await;
+    let (bob, bob_events) = client_at(&base, "bob").await;
+    let per_client = 300;
+    let total = 2 * per_client;
+    let alice_seen = tokio::spawn(collect(alice_events, total));
+    let bob_seen = tokio::spawn(collect(bob_events, total));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let sends = burst((&alice, "alice"), (&bob, "bob"), per_client, &acked);
+
+    while acked.load(Ordering::Relaxed) < total / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut cluster = cluster;
+    cluster.nodes[0].kill_hard();
+    assert!(
+        acked.load(Ordering::Relaxed) < total,
+        "killed during the burst"
+    );
+
+    assert_burst_acked(sends, total).await;
+    for (who, seen) in [("alice", alice_seen), ("bob", bob_seen)] {
+        let threads = seen.await.unwrap();
+        assert_eq!(threads.len(), 1);
+        let messages = threads.into_values().next().unwrap();
+        assert_once_in_order(who, &messages);
+        assert_eq!(messages.len(), total, "{who} holds every message");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_during_a_burst_loses_nothing() {
+    if nats_url().is_none() {
+        return;
+    }
+    let mut nats = PrivateNats::start();
+    let Some(cluster) = Cluster::start_with(2, &nats.url()).await else {
+        return;
+    };
+    cluster.nodes[0].user("alice").await;
+    cluster.nodes[1].user("bob").await;
+    let (alice, alice_events) = cluster.client(0, "alice").await;
+    let (bob, bob_events) = cluster.client(1, "bob").await;
+    let per_client = 300;
+    let total = 2 * per_client;
+    let alice_seen = tokio::spawn(collect(alice_events, total));
+    let bob_seen = tokio::spawn(collect(bob_events, total));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let sends = burst((&alice, "alice"), (&bob, "bob"), per_client, &acked);
+
+    while acked.load(Ordering::Relaxed) < total / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    nats.kill();
+    assert!(
+        acked.load(Ordering::Relaxed) < total,
+        "NATS stopped during the burst"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.restart();
+
+    assert_burst_acked(sends, total).await;
+    for (who, seen) in [("alice", alice_seen), ("bob", bob_seen)] {
+        let messages = seen.await.unwrap().into_values().next().unwrap();
+        assert_once_in_order(who, &messages);
+        assert_eq!(messages.len(), total, "{who} holds every message");
+    }
+    // Both nodes are back on the bus without a restart.
+    for node in &cluster.nodes {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let health = reqwest::get(node.url("/healthz")).await.unwrap();
+            if health.status() == 200 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node did not reconnect to NATS"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn healthz_reports_the_store_and_the_bus() {
+    let Some(cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let health: serde_json::Value = reqwest::get(cluster.nodes[0].url("/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        health,
+        json!({"status": "ok", "store": "ok", "bus": "ok", "connections": 0})
+    );
+}
+
+/// A `nats-server` of the test's own, restartable on the same port.
+struct PrivateNats {
+    child: Child,
+    port: u16,
+}
+
+impl PrivateNats {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self {
+            child: Self::spawn(port),
+            port,
+        }
+    }
+
+    fn spawn(port: u16) -> Child {
+        let binary = [
+            "nats-server",
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+        ]
+        .into_iter()
+        .find(|path| {
+            Command::new(path)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok()
+        })
+        .expect("nats-server is installed (scripts/test installs it)");
+        let child = Command::new(binary)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.child = Self::spawn(self.port);
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP balancer in front of the nodes, like HAProxy in production: each new connection
+/// goes to the next node that accepts it.
+struct Balancer {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    async fn start(backends: Vec<SocketAddr>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let next = Arc::new(Mutex::new(0usize));
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let backends = backends.clone();
+                let next = next.clone();
+                tokio::spawn(async move {
+                    let start = {
+                        let mut next = next.lock().await;
+                        *next += 1;
+                        *next - 1
+                    };
+                    for offset in 0..backends.len() {
+                        let backend = backends[(start + offset) % backends.len()];
+                        if let Ok(mut outbound) = TcpStream::connect(backend).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
