@@ -141,6 +141,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_groups_per_user: args.max_groups_per_user,
             argon2_memory_kib: args.argon2_memory_kib,
             argon2_iterations: args.argon2_iterations,
+            presence_ttl: Duration::from_secs_f64(args.heartbeat_timeout),
             ..ChatConfig::default()
         },
         gateway: GatewayConfig {

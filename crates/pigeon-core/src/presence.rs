@@ -1,6 +1,11 @@
-//! Presence: a user is online while any of their connections is open on this node.
+//! Presence: a user is online while any of their connections is open, on any node.
+//!
+//! Each node counts its own connections. In a cluster the store also keeps a record per
+//! user and node (see `Store::presence_set`), refreshed every third of the TTL, so a
+//! node that dies takes its users offline within one TTL; queries read those records.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -8,10 +13,47 @@ use pigeon_proto::{ServerFrame, UserId};
 
 use crate::{Caller, ChatError, ChatService, Result, now_ms};
 
-/// Open connections per online user.
-#[derive(Default)]
+/// Open connections per online user on this node.
 pub(crate) struct Presence {
     online: DashMap<UserId, u32>,
+    /// This process in the cluster's presence records.
+    node: i64,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        let mut seed = [0u8; 8];
+        let _ = getrandom::fill(&mut seed);
+        Self {
+            online: DashMap::new(),
+            node: i64::from_le_bytes(seed),
+        }
+    }
+}
+
+/// Refreshes this node's presence records until the service is gone.
+pub(crate) fn start_refresh(chat: Weak<ChatService>) {
+    tokio::spawn(async move {
+        let period = match chat.upgrade() {
+            Some(chat) => chat.config.presence_ttl / 3,
+            None => return,
+        };
+        let mut ticks = tokio::time::interval(period.max(std::time::Duration::from_millis(100)));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(chat) = chat.upgrade() else { return };
+            let users: Vec<UserId> = chat.presence.online.iter().map(|e| *e.key()).collect();
+            let now = now_ms();
+            if let Err(error) = chat
+                .store
+                .presence_refresh(chat.presence.node, &users, chat.presence_expiry(now), now)
+                .await
+            {
+                tracing::warn!(%error, "refreshing presence records failed");
+            }
+        }
+    });
 }
 
 impl Presence {
@@ -38,7 +80,7 @@ impl Presence {
         }
     }
 
-    pub(crate) fn is_online(&self, user: UserId) -> bool {
+    fn is_online(&self, user: UserId) -> bool {
         self.online.contains_key(&user)
     }
 }
@@ -47,6 +89,7 @@ impl ChatService {
     /// Records a newly authenticated connection; announces the user online on their first.
     pub async fn connection_opened(&self, caller: &Caller) {
         if self.presence.add(caller.user_id) {
+            self.record_presence(caller.user_id, true).await;
             if let Err(error) = self.bus.subscribe(caller.user_id).await {
                 tracing::warn!(%error, user = %caller.user_id, "bus subscribe failed");
             }
@@ -61,6 +104,7 @@ impl ChatService {
             tracing::warn!(%error, "recording device last-seen failed");
         }
         if self.presence.remove(caller.user_id) {
+            self.record_presence(caller.user_id, false).await;
             if let Err(error) = self.store.set_last_seen(caller.user_id, now).await {
                 tracing::warn!(%error, "recording last-seen failed");
             }
@@ -71,16 +115,45 @@ impl ChatService {
         }
     }
 
+    fn presence_expiry(&self, now: i64) -> i64 {
+        let ttl = i64::try_from(self.config.presence_ttl.as_millis()).unwrap_or(i64::MAX);
+        now.saturating_add(ttl)
+    }
+
+    /// Writes this node's presence record for the user (cluster stores keep one).
+    async fn record_presence(&self, user: UserId, online: bool) {
+        let expires_at = self.presence_expiry(now_ms());
+        if let Err(error) = self
+            .store
+            .presence_set(self.presence.node, user, online, expires_at)
+            .await
+        {
+            // The next refresh writes it.
+            tracing::warn!(%error, %user, "recording presence failed");
+        }
+    }
+
+    /// Which of `users` are online on any node.
+    pub(crate) async fn online_among(&self, users: &[UserId]) -> Result<HashSet<UserId>> {
+        match self.store.presence_online(users, now_ms()).await? {
+            Some(online) => Ok(online.into_iter().collect()),
+            None => Ok(users
+                .iter()
+                .copied()
+                .filter(|user| self.presence.is_online(*user))
+                .collect()),
+        }
+    }
+
     /// Sends the user's current presence to the online users sharing a thread with them.
     /// The state is read at send time, so a quick reconnect cannot leave a stale "offline".
     async fn announce_presence(&self, caller: &Caller) {
         let result: Result<()> = async {
-            let peers: Vec<UserId> = self
-                .store
-                .list_presence_audience(caller.user_id)
-                .await?
+            let audience = self.store.list_presence_audience(caller.user_id).await?;
+            let online = self.online_among(&audience).await?;
+            let peers: Vec<UserId> = audience
                 .into_iter()
-                .filter(|peer| self.presence.is_online(*peer))
+                .filter(|peer| online.contains(peer))
                 .collect();
             if peers.is_empty() {
                 return Ok(());
@@ -103,7 +176,7 @@ impl ChatService {
         user_id: UserId,
         username: String,
     ) -> Result<ServerFrame> {
-        let online = self.presence.is_online(user_id);
+        let online = !self.online_among(&[user_id]).await?.is_empty();
         let last_seen = if online {
             None
         } else {

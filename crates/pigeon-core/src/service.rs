@@ -30,6 +30,9 @@ pub struct ChatConfig {
     pub max_title_chars: usize,
     /// Longest group topic, in characters.
     pub max_topic_chars: usize,
+    /// In a cluster, how long a node's presence records count without a refresh: a node
+    /// that dies takes its users offline after this (the heartbeat timeout).
+    pub presence_ttl: std::time::Duration,
 }
 
 impl Default for ChatConfig {
@@ -43,6 +46,7 @@ impl Default for ChatConfig {
             max_groups_per_user: 500,
             max_title_chars: 128,
             max_topic_chars: 1024,
+            presence_ttl: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -85,7 +89,7 @@ pub struct ChatService {
 impl ChatService {
     /// Creates the service over a store and a bus. Must be called inside a tokio runtime.
     pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, config: ChatConfig) -> Arc<Self> {
-        Arc::new(Self {
+        let chat = Arc::new(Self {
             publisher: Publisher::start(bus.clone()),
             hashing: Semaphore::new(config.max_concurrent_hashes.max(1)),
             typing: crate::commands::TypingThrottle::default(),
@@ -97,7 +101,9 @@ impl ChatService {
             store,
             bus,
             config,
-        })
+        });
+        crate::presence::start_refresh(Arc::downgrade(&chat));
+        chat
     }
 
     /// Returns the service's settings.

@@ -431,6 +431,37 @@ pub trait Store: Send + Sync + 'static {
     /// Finishes pending writes and stops accepting new ones.
     async fn close(&self);
 
+    /// Cluster presence: `user` has (`online`) or no longer has connections on `node`; the
+    /// record counts until `expires_at` (ms) unless refreshed. A single-node store keeps
+    /// no shared presence and ignores this (see [`Store::presence_online`]).
+    async fn presence_set(
+        &self,
+        _node: i64,
+        _user: UserId,
+        _online: bool,
+        _expires_at: i64,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Cluster presence: `users` are exactly the users with connections on `node`; their
+    /// records count until `expires_at`. Also forgets records that expired before `now`.
+    async fn presence_refresh(
+        &self,
+        _node: i64,
+        _users: &[UserId],
+        _expires_at: i64,
+        _now: i64,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Cluster presence: which of `users` have connections on some live node at `now`.
+    /// `None` when this store keeps no shared presence: the node's own count is the truth.
+    async fn presence_online(&self, _users: &[UserId], _now: i64) -> Result<Option<Vec<UserId>>> {
+        Ok(None)
+    }
+
     /// Checks that the backend answers (for `/healthz`): one cheap read.
     async fn ping(&self) -> Result<()> {
         self.get_user(UserId::from_bytes([0; 16])).await.map(|_| ())

@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 
-use crate::support::{PASSWORD, Server, WAIT};
+use crate::support::{PASSWORD, Server, WAIT, send};
 
 const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 
@@ -51,6 +51,10 @@ impl Cluster {
     }
 
     async fn start_with(count: usize, nats: &str) -> Option<Self> {
+        Self::start_with_args(count, nats, &[]).await
+    }
+
+    async fn start_with_args(count: usize, nats: &str, extra: &[&str]) -> Option<Self> {
         let database = TestDatabase::create().await?;
         let args: Vec<String> = [
             "--database",
@@ -63,6 +67,7 @@ impl Cluster {
             "100000",
         ]
         .iter()
+        .chain(extra)
         .map(|s| (*s).to_owned())
         .collect();
         let mut nodes = Vec::new();
@@ -414,6 +419,59 @@ async fn a_nats_restart_during_a_burst_loses_nothing() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_spans_nodes_and_a_dead_node_takes_its_users_offline() {
+    let Some(nats) = nats_url() else { return };
+    let Some(mut cluster) =
+        Cluster::start_with_args(2, &nats, &["--heartbeat-timeout", "1.5"]).await
+    else {
+        return;
+    };
+    let alice = cluster.nodes[0].user("alice").await;
+    let bob = cluster.nodes[1].user("bob").await;
+    let mut a = alice.connect(&cluster.nodes[0]).await;
+    let mut b = bob.connect(&cluster.nodes[1]).await;
+    send(&mut a, "bob", "p", "hi").await;
+    let presence = json!({"type": "presence", "user": "alice"});
+
+    // alice is connected to node 0 only; bob asks node 1.
+    let query = b.request(presence.clone()).await;
+    assert_eq!(query["online"], true, "{query}");
+
+    // A second device on node 1, then the first closes: still online, across nodes.
+    let alice_tab = cluster.nodes[1].login("alice").await;
+    let tab = alice_tab.connect(&cluster.nodes[1]).await;
+    a.close().await;
+    let query = b.request(presence.clone()).await;
+    assert_eq!(
+        query["online"], true,
+        "online while any node holds a device: {query}"
+    );
+
+    // The node holding her last device dies without a word: offline within the timeout.
+    // Node 1 holds it, so move bob to node 0 first.
+    drop(tab);
+    let alice_again = alice.connect(&cluster.nodes[1]).await;
+    let mut b0 = bob.connect(&cluster.nodes[0]).await;
+    let query = b0.request(presence.clone()).await;
+    assert_eq!(query["online"], true, "{query}");
+    cluster.nodes[1].kill_hard();
+    drop(alice_again);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let query = b0.request(presence.clone()).await;
+        if query["online"] == false {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still online long after her node died: {query}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(b);
 }
 
 #[tokio::test]

@@ -54,10 +54,16 @@ pub(crate) async fn alias(
 
 pub(crate) async fn list(chat: &ChatService, caller: &Caller, id: ReqId) -> Result<ServerFrame> {
     let mut contacts = chat.store.list_contacts(caller.user_id).await?;
+    let friends: Vec<_> = contacts
+        .iter()
+        .filter(|contact| contact.state == Some(ContactState::Friend))
+        .map(|contact| contact.user_id)
+        .collect();
+    let online_friends = chat.online_among(&friends).await?;
     for contact in &mut contacts {
         // Presence goes to friends only.
         if contact.state == Some(ContactState::Friend) {
-            let online = chat.presence.is_online(contact.user_id);
+            let online = online_friends.contains(&contact.user_id);
             contact.online = Some(online);
             if online {
                 // As in presence frames: last-seen only while offline.

@@ -50,6 +50,7 @@ mod groups;
 mod locks;
 mod members;
 mod messages;
+mod presence;
 mod sql;
 #[cfg(test)]
 mod tests;
@@ -330,6 +331,30 @@ impl Store for PostgresStore {
 
     async fn get_membership(&self, thread_id: ThreadId, user_id: UserId) -> Result<Membership> {
         Ok(threads::get_membership(&self.shared, thread_id, user_id).await?)
+    }
+
+    async fn presence_set(
+        &self,
+        node: i64,
+        user: UserId,
+        online: bool,
+        expires_at: i64,
+    ) -> Result<()> {
+        Ok(presence::set(&self.shared, node, user, online, expires_at).await?)
+    }
+
+    async fn presence_refresh(
+        &self,
+        node: i64,
+        users: &[UserId],
+        expires_at: i64,
+        now: i64,
+    ) -> Result<()> {
+        Ok(presence::refresh(&self.shared, node, users, expires_at, now).await?)
+    }
+
+    async fn presence_online(&self, users: &[UserId], now: i64) -> Result<Option<Vec<UserId>>> {
+        Ok(Some(presence::online(&self.shared, users, now).await?))
     }
 
     async fn list_presence_audience(&self, user_id: UserId) -> Result<Vec<UserId>> {
