@@ -290,24 +290,30 @@ pub(crate) async fn rpc(
 }
 
 /// `GET /healthz`
-/// `GET /healthz`: 200 when the store answers and the bus is connected, else 503, so a
-/// load balancer stops sending clients to a node that cannot serve them.
+/// `GET /healthz`: 503 when the store does not answer (the node can serve nobody), else
+/// 200. A bus outage is reported (`degraded`) but keeps 200: the node still commits and
+/// serves its own connections, and taking every node out of a balancer would make a NATS
+/// outage a full one.
 pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
     let health = state.chat.health().await;
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let ok = health.store && health.bus;
+    let status = match (health.store, health.bus) {
+        (true, true) => "ok",
+        (true, false) => "degraded",
+        (false, _) => "unavailable",
+    };
     let body = json!({
-        "status": word(ok),
+        "status": status,
         "store": word(health.store),
         "bus": word(health.bus),
         "connections": state.registry.len(),
     });
-    let status = if ok {
+    let code = if health.store {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(body)).into_response()
+    (code, Json(body)).into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.

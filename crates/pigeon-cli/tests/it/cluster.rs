@@ -408,8 +408,13 @@ async fn a_nats_restart_during_a_burst_loses_nothing() {
     for node in &cluster.nodes {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let health = reqwest::get(node.url("/healthz")).await.unwrap();
-            if health.status() == 200 {
+            let health: serde_json::Value = reqwest::get(node.url("/healthz"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if health["bus"] == "ok" {
                 break;
             }
             assert!(

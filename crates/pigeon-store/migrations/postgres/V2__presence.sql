@@ -8,3 +8,5 @@ CREATE TABLE presence (
     PRIMARY KEY (user_id, node_id)
 );
 CREATE INDEX presence_node ON presence (node_id);
+-- Every refresh forgets expired rows of dead nodes.
+CREATE INDEX presence_expiry ON presence (expires_at);
