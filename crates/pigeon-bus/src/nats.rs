@@ -28,6 +28,8 @@ use crate::{Bus, BusError, ConnId, Deliver, Envelope, Payload};
 const SUBJECT_PREFIX: &str = "pigeon.user.";
 const HEADER_SKIP: &str = "Pigeon-Skip";
 const HEADER_CLOSE_DEVICE: &str = "Pigeon-Close-Device";
+/// Longest a new connection waits for NATS to confirm its user's subscription.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A subscription's stream of messages, ending when its user's last connection closes.
 type UserStream = futures::stream::BoxStream<'static, async_nats::Message>;
@@ -190,11 +192,16 @@ impl Bus for NatsBus {
             .await
             .map_err(|error| BusError::Unavailable(error.to_string()))?;
         // The server has the subscription once a round trip has passed: from here on, no
-        // event for this user is missed by this node.
-        self.client
-            .flush()
-            .await
-            .map_err(|error| BusError::Unavailable(error.to_string()))?;
+        // event for this user is missed by this node. While NATS is away the client
+        // subscribes again on reconnect, and the resync that follows covers the gap, so a
+        // new connection does not wait for NATS.
+        if self.is_connected() {
+            match tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "bus flush after subscribe failed"),
+                Err(_) => tracing::warn!("bus flush after subscribe timed out"),
+            }
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         // Dropping the subscriber when the stream ends unsubscribes it.
         let stream = subscriber.take_until(stopped).boxed();
