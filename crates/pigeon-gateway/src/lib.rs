@@ -75,6 +75,29 @@ pub(crate) struct AppState {
     pub(crate) tasks: TaskTracker,
 }
 
+/// One task for every connection's timers: sockets and long-poll sessions silent for the
+/// heartbeat timeout are closed, and at shutdown every socket is told to close. Sessions
+/// hold no timer or shutdown future of their own, so a wakeup of an idle socket touches
+/// no shared lock and an idle socket holds no timer.
+async fn sweep(state: AppState) {
+    let timeout = state.config.heartbeat_timeout;
+    let period = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = state.cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        state.registry.close_silent(timeout);
+        longpoll::expire_idle(&state).await;
+    }
+    state
+        .registry
+        .close_sockets(pigeon_proto::close::GOING_AWAY, "server shutting down");
+    longpoll::close_all(&state).await;
+}
+
 /// Builds the router. `registry` must be the sink the bus delivers to.
 pub fn router(
     chat: Arc<ChatService>,
@@ -95,7 +118,7 @@ pub fn router(
         cancel,
         tasks,
     };
-    state.tasks.spawn(longpoll::sweep(state.clone()));
+    state.tasks.spawn(sweep(state.clone()));
     let max_body = state.config.max_frame_bytes;
     Router::new()
         .route("/ws", get(socket::upgrade))

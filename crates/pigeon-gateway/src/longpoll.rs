@@ -265,30 +265,27 @@ async fn retire(state: &AppState, session: &Arc<PollSession>) {
 }
 
 /// Closes sessions not polled within the heartbeat timeout (and revoked ones).
-pub(crate) async fn sweep(state: AppState) {
+pub(crate) async fn expire_idle(state: &AppState) {
     let timeout = state.config.heartbeat_timeout;
-    let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(50)));
-    loop {
-        tokio::select! {
-            () = state.cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let expired: Vec<Arc<PollSession>> = state
-            .polls
-            .by_device
-            .iter()
-            .filter(|entry| {
-                let session_state = entry.lock();
-                session_state.revoked
-                    || (session_state.polls_in_flight == 0
-                        && session_state.last_poll.elapsed() > timeout)
-            })
-            .map(|entry| entry.value().clone())
-            .collect();
-        for session in expired {
-            close_session(&state, &session).await;
-        }
+    let expired: Vec<Arc<PollSession>> = state
+        .polls
+        .by_device
+        .iter()
+        .filter(|entry| {
+            let session_state = entry.lock();
+            session_state.revoked
+                || (session_state.polls_in_flight == 0
+                    && session_state.last_poll.elapsed() > timeout)
+        })
+        .map(|entry| entry.value().clone())
+        .collect();
+    for session in expired {
+        close_session(state, &session).await;
     }
+}
+
+/// Closes every session (shutdown).
+pub(crate) async fn close_all(state: &AppState) {
     let all: Vec<Arc<PollSession>> = state
         .polls
         .by_device
@@ -296,7 +293,7 @@ pub(crate) async fn sweep(state: AppState) {
         .map(|entry| entry.value().clone())
         .collect();
     for session in all {
-        close_session(&state, &session).await;
+        close_session(state, &session).await;
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use futures_channel::mpsc;
@@ -20,10 +21,22 @@ pub(crate) enum Outbound {
     Close(u16, &'static str),
 }
 
+/// When a socket last heard from its client, in milliseconds since the registry began.
+/// Its session writes it; the sweep reads it.
+#[derive(Default)]
+pub(crate) struct Activity(AtomicU64);
+
+impl Activity {
+    /// Records that the client was heard from now.
+    pub(crate) fn touch(&self, registry: &Registry) {
+        self.0.store(registry.clock(), Ordering::Relaxed);
+    }
+}
+
 /// Where a connection's events go.
 pub(crate) enum Sink {
-    /// A WebSocket session's bounded queue.
-    Socket(mpsc::Sender<Outbound>),
+    /// A WebSocket session's bounded queue, and when its client was last heard from.
+    Socket(mpsc::Sender<Outbound>, Arc<Activity>),
     /// A long-poll session's buffer.
     Poll(Arc<PollSession>),
 }
@@ -39,6 +52,8 @@ pub struct Registry {
     users: DashMap<UserId, Vec<Conn>>,
     /// High bits: random per process, so ids stay unique across nodes and restarts.
     next_conn: AtomicU64,
+    /// Zero of the activity clock.
+    epoch: Instant,
     slow_consumers: metrics::Counter,
 }
 
@@ -56,6 +71,7 @@ impl Registry {
         Self {
             users: DashMap::new(),
             next_conn: AtomicU64::new(u64::from(u32::from_le_bytes(seed)) << 32),
+            epoch: Instant::now(),
             slow_consumers: metrics::counter!("pigeon_slow_consumer_closes_total"),
         }
     }
@@ -79,6 +95,46 @@ impl Registry {
         });
     }
 
+    fn clock(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Closes the sockets whose clients were silent for longer than `timeout`.
+    pub(crate) fn close_silent(&self, timeout: Duration) {
+        let now = self.clock();
+        let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.close_sockets_where(
+            |activity| now.saturating_sub(activity.0.load(Ordering::Relaxed)) > limit,
+            close::HEARTBEAT_TIMEOUT,
+            "no frame within the heartbeat timeout",
+        );
+    }
+
+    /// Tells every socket to close with this code (shutdown).
+    pub(crate) fn close_sockets(&self, code: u16, reason: &'static str) {
+        self.close_sockets_where(|_| true, code, reason);
+    }
+
+    fn close_sockets_where(
+        &self,
+        chosen: impl Fn(&Activity) -> bool,
+        code: u16,
+        reason: &'static str,
+    ) {
+        for mut entry in self.users.iter_mut() {
+            for conn in entry.value_mut() {
+                if let Sink::Socket(queue, activity) = &mut conn.sink
+                    && chosen(activity)
+                {
+                    // A full queue is closed instead; the session ends with 1013 then.
+                    if queue.try_send(Outbound::Close(code, reason)).is_err() {
+                        queue.close_channel();
+                    }
+                }
+            }
+        }
+    }
+
     /// Number of open connections on this node.
     pub fn len(&self) -> usize {
         self.users.iter().map(|entry| entry.value().len()).sum()
@@ -92,28 +148,19 @@ impl Registry {
 
 impl Deliver for Registry {
     fn resync(&self) {
-        let mut count = 0usize;
-        for mut entry in self.users.iter_mut() {
-            for conn in entry.value_mut() {
-                count += 1;
-                match &mut conn.sink {
-                    Sink::Socket(queue) => {
-                        if queue
-                            .try_send(Outbound::Close(
-                                close::TRY_AGAIN_LATER,
-                                "events may have been lost; reconnect and sync",
-                            ))
-                            .is_err()
-                        {
-                            queue.close_channel();
-                        }
-                    }
-                    Sink::Poll(session) => session.lose(),
+        self.close_sockets(
+            close::TRY_AGAIN_LATER,
+            "events may have been lost; reconnect and sync",
+        );
+        for entry in self.users.iter() {
+            for conn in entry.value() {
+                if let Sink::Poll(session) = &conn.sink {
+                    session.lose();
                 }
             }
         }
         tracing::warn!(
-            connections = count,
+            connections = self.len(),
             "asked every local connection to sync again"
         );
     }
@@ -135,7 +182,7 @@ impl Deliver for Registry {
                         .filter(|conn| Some(conn.id) != envelope.skip)
                     {
                         match &mut conn.sink {
-                            Sink::Socket(queue) => {
+                            Sink::Socket(queue, _) => {
                                 if let Err(error) = queue.try_send(Outbound::Frame(text.clone()))
                                     && error.is_full()
                                 {
@@ -156,7 +203,7 @@ impl Deliver for Registry {
                     };
                     for conn in conns.iter_mut().filter(|conn| conn.device_id == *device_id) {
                         match &mut conn.sink {
-                            Sink::Socket(queue) => {
+                            Sink::Socket(queue, _) => {
                                 if queue
                                     .try_send(Outbound::Close(
                                         close::UNAUTHORIZED,

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -23,7 +24,7 @@ use pigeon_proto::{
     ClientFrame, ErrorCode, FrameError, PROTOCOL_VERSION, ReqId, ServerFrame, close,
 };
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -32,14 +33,14 @@ use tungstenite::{Message, Utf8Bytes};
 
 use crate::AppState;
 use crate::http::{ApiError, bearer_token};
-use crate::registry::{Outbound, Sink};
+use crate::registry::{Activity, Outbound, Sink};
 
 /// Most queued events written before one flush.
 const MAX_COALESCE: u64 = 64;
 
 /// Bytes read from the socket at a time. An idle connection holds exactly this much, so it
 /// is small; a larger frame takes more reads, and the buffer grows while frames queue up.
-const READ_BUFFER: usize = 256;
+const READ_BUFFER: usize = 128;
 
 type Socket = WebSocketStream<TcpStream>;
 
@@ -177,19 +178,30 @@ struct Handoff {
 /// so their state is freed once done instead of sizing the long-lived future (an idle
 /// connection's memory is mostly this future).
 async fn session(state: AppState, handoff: Box<Handoff>) {
-    let Some((mut socket, caller, queue_rx)) = Box::pin(open(&state, handoff)).await else {
+    let Some(Opened {
+        mut socket,
+        caller,
+        queue_rx,
+        activity,
+    }) = Box::pin(open(&state, handoff)).await
+    else {
         return;
     };
-    let end = serve(&state, &caller, &mut socket, queue_rx).await;
+    let end = serve(&state, &caller, &mut socket, queue_rx, &activity).await;
     Box::pin(close(&state, &caller, &mut socket, end)).await;
+}
+
+/// A session past `welcome`.
+struct Opened {
+    socket: Socket,
+    caller: Caller,
+    queue_rx: mpsc::Receiver<Outbound>,
+    activity: Arc<Activity>,
 }
 
 /// Takes over the connection, authenticates (unless the upgrade request did), registers
 /// the connection and says `welcome`. `None` when the session ended before that.
-async fn open(
-    state: &AppState,
-    handoff: Box<Handoff>,
-) -> Option<(Socket, Caller, mpsc::Receiver<Outbound>)> {
+async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
     let Handoff {
         on_upgrade,
         config,
@@ -211,13 +223,15 @@ async fn open(
     caller.conn = Some(conn_id);
 
     let (queue_tx, queue_rx) = mpsc::channel(state.config.send_queue);
+    let activity = Arc::new(Activity::default());
+    activity.touch(&state.registry);
     // Registered before `welcome`: anything committed after the client sees `welcome` reaches
     // it live, and anything before is in its sync.
     state.registry.add(
         caller.user_id,
         conn_id,
         caller.device_id,
-        Sink::Socket(queue_tx),
+        Sink::Socket(queue_tx, activity.clone()),
     );
     state.metrics.connections_open.increment(1.0);
     state.chat.connection_opened(&caller).await;
@@ -237,7 +251,18 @@ async fn open(
         close(state, &caller, &mut socket, End::Gone).await;
         return None;
     }
-    Some((socket, caller, queue_rx))
+    // Registered after the shutdown sweep told every socket to close: close now.
+    if state.cancel.is_cancelled() {
+        let end = End::Close(close::GOING_AWAY, "server shutting down");
+        close(state, &caller, &mut socket, end).await;
+        return None;
+    }
+    Some(Opened {
+        socket,
+        caller,
+        queue_rx,
+        activity,
+    })
 }
 
 /// Unregisters the connection, records presence and closes the socket.
@@ -314,24 +339,23 @@ enum Step {
 
 /// The session loop. One request is handled at a time, in order (so a client's sends keep
 /// their order); while it runs, events keep flowing out and reading pauses (backpressure).
+/// The heartbeat timeout and shutdown arrive through the queue, from the gateway's sweep.
 async fn serve(
     state: &AppState,
     caller: &Caller,
     socket: &mut Socket,
     mut queue_rx: mpsc::Receiver<Outbound>,
+    activity: &Activity,
 ) -> End {
     let quota =
         Quota::per_second(NonZeroU32::new(state.config.rate_per_second.max(1)).expect("nonzero"))
             .allow_burst(NonZeroU32::new(state.config.rate_burst.max(1)).expect("nonzero"));
     let limiter: DefaultDirectRateLimiter = RateLimiter::direct(quota);
-    let heartbeat = state.config.heartbeat_timeout;
-    let mut deadline = Instant::now() + heartbeat;
     let mut pending: Option<Answer<'_>> = None;
 
     loop {
         // Unbiased: a steady stream of events must not starve answers or reads.
         let step = tokio::select! {
-            () = state.cancel.cancelled() => Step::End(End::Close(close::GOING_AWAY, "server shutting down")),
             outbound = queue_rx.next() => match outbound {
                 Some(Outbound::Frame(text)) => Step::Events(text),
                 Some(Outbound::Close(code, reason)) => Step::End(End::Close(code, reason)),
@@ -345,7 +369,7 @@ async fn serve(
                 None => Step::End(End::Gone),
                 Some(Err(error)) => Step::End(read_error(error)),
                 Some(Ok(Message::Text(text))) => {
-                    deadline = Instant::now() + heartbeat;
+                    activity.touch(&state.registry);
                     state.metrics.frames_in.increment(1);
                     // Every frame counts against the limit, well-formed or not.
                     let limited = limiter.check().is_err();
@@ -370,12 +394,11 @@ async fn serve(
                     Step::End(End::Close(close::UNSUPPORTED_DATA, "frames are JSON text"))
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
-                    deadline = Instant::now() + heartbeat;
+                    activity.touch(&state.registry);
                     Step::Idle
                 }
                 Some(Ok(Message::Close(_))) => Step::End(End::Gone),
             },
-            () = sleep_until(deadline) => Step::End(End::Close(close::HEARTBEAT_TIMEOUT, "no frame within the heartbeat timeout")),
         };
         match step {
             Step::Events(first) => {
