@@ -13,6 +13,7 @@ use pigeon_server::ServerConfig;
 mod bench;
 mod chat;
 mod commands;
+mod config_file;
 
 /// jemalloc keeps its size classes apart, so the short-lived buffers of each HTTP handshake
 /// do not leave holes between long-lived connection state (measured in docs/benchmarks.md).
@@ -42,6 +43,10 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// A TOML file of settings, keyed by these flags' long names (`database = "postgres://…"`).
+    /// The command line and the environment win over it.
+    #[arg(long, env = "PIGEON_CONFIG_FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "PIGEON_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -94,7 +99,7 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(config_file::expand::<Cli>(std::env::args_os().collect())?);
     let serving = matches!(cli.command, Command::Serve(_));
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -130,6 +135,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.config {
+        // Its settings were merged into the flags by `config_file::expand`.
+        tracing::info!(path = %path.display(), "settings read from the config file");
+    }
     let config = ServerConfig {
         listen: args.listen,
         data_dir: args.data_dir,

@@ -180,3 +180,48 @@ async fn tail_prints_incoming_events_as_json_lines() {
     assert_eq!(frame["type"], "message");
     assert_eq!(frame["body"], "tailed");
 }
+
+#[tokio::test]
+async fn serve_reads_a_config_file_and_flags_win_over_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pigeon.toml");
+    std::fs::write(
+        &file,
+        "# settings for pigeon serve\nmax-body-bytes = 10\nmax_group_members = 2\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let server = Server::start(&["--config", file, "--max-group-members", "3"]);
+    let alice = server.user("alice").await;
+    for name in ["bob", "bea", "ben"] {
+        server.user(name).await;
+    }
+    let mut a = alice.connect(&server).await;
+
+    // From the file: bodies over 10 bytes are refused.
+    let long = a
+        .request(serde_json::json!({"type": "send", "to": "bob", "client_msg_id": "c1", "body": "eleven byte"}))
+        .await;
+    assert_eq!(long["code"], "body_too_large", "{long}");
+    // The flag overrides the file's 2: a group of alice and three others is refused,
+    // of alice and two others allowed.
+    let three = a
+        .request(serde_json::json!({"type": "create_group", "title": "t", "members": ["bob", "bea", "ben"]}))
+        .await;
+    assert_eq!(three["code"], "limit_exceeded", "{three}");
+    let two = a
+        .request(serde_json::json!({"type": "create_group", "title": "t", "members": ["bob", "bea"]}))
+        .await;
+    assert_eq!(two["type"], "group", "{two}");
+
+    // An unknown key is refused with a clear message, and nothing starts.
+    std::fs::write(dir.path().join("bad.toml"), "colour = \"blue\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_pigeon"))
+        .args(["serve", "--config"])
+        .arg(dir.path().join("bad.toml"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("unknown setting `colour`"), "{stderr}");
+}

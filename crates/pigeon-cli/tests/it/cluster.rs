@@ -19,7 +19,6 @@ use pigeon_proto::{MessageKind, ThreadId};
 use pigeon_store::testing::TestDatabase;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
 
 use crate::support::{PASSWORD, Server, WAIT, send};
 
@@ -336,7 +335,7 @@ async fn a_node_killed_during_a_burst_loses_and_duplicates_nothing() {
     cluster.nodes[0].user("bob").await;
     // Clients reach the nodes through a balancer, as in production: alice lands on node 0,
     // bob on node 1; when node 0 dies, alice reconnects to whichever node is alive.
-    let balancer = Balancer::start(cluster.nodes.iter().map(|n| n.addr).collect()).await;
+    let balancer = Relay::start(cluster.nodes.iter().map(|n| n.addr).collect()).await;
     let base = format!("http://{}", balancer.addr);
     let (alice, alice_events) = client_at(&base, "alice").await;
     let (bob, bob_events) = client_at(&base, "bob").await;
@@ -479,6 +478,114 @@ async fn presence_spans_nodes_and_a_dead_node_takes_its_users_offline() {
     drop(b);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_receipts_and_group_changes_cross_nodes() {
+    let Some(cluster) = Cluster::start(2).await else {
+        return;
+    };
+    let alice = cluster.nodes[0].user("alice").await;
+    let bob = cluster.nodes[1].user("bob").await;
+    let mut a = alice.connect(&cluster.nodes[0]).await;
+    let mut b = bob.connect(&cluster.nodes[1]).await;
+
+    let sent = send(&mut a, "bob", "m1", "hello across nodes").await;
+    let thread_id = sent["thread_id"].clone();
+    let message = b.event_of("message").await;
+    assert_eq!(message["body"], "hello across nodes");
+
+    b.request(json!({"type": "mark", "thread_id": thread_id, "kind": "read", "seq": 1}))
+        .await;
+    let receipt = a.event_of("receipt").await;
+    assert_eq!(receipt["user_id"], bob.user_id.as_str(), "{receipt}");
+    assert_eq!(receipt["kind"], "read");
+
+    b.request(json!({"type": "typing", "thread_id": thread_id, "active": true}))
+        .await;
+    let typing = a.event_of("typing").await;
+    assert_eq!(typing["user_id"], bob.user_id.as_str(), "{typing}");
+
+    let created = a
+        .request(json!({"type": "create_group", "title": "across", "members": ["bob"]}))
+        .await;
+    assert_eq!(created["type"], "group", "{created}");
+    let system = b.event_of("message").await;
+    assert_eq!(system["kind"], "system", "{system}");
+    assert_eq!(system["thread_id"], created["group"]["thread_id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_going_away_fails_sends_retryably_and_the_node_recovers() {
+    let Some(nats) = nats_url() else { return };
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    // The node reaches PostgreSQL through a relay the test can cut.
+    let url = database.url();
+    let (host_port, rest) = host_port_of(&url);
+    let relay = Relay::start(vec![host_port.parse().expect("PostgreSQL at host:port")]).await;
+    let through_relay = format!("{}{}{}", &url[..rest.0], relay.addr, &url[rest.1..]);
+    let node = Server::start(&["--database", &through_relay, "--bus", &nats]);
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    let mut a = alice.connect(&node).await;
+    let mut b = bob.connect(&node).await;
+    send(&mut a, "bob", "before", "before the outage").await;
+    b.event_of("message").await;
+
+    relay.cut();
+    let refused = a
+        .request(json!({"type": "send", "to": "bob", "client_msg_id": "during", "body": "during"}))
+        .await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(
+        refused["code"], "unavailable",
+        "a clear, retryable error: {refused}"
+    );
+    let health = reqwest::get(node.url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), 503);
+
+    relay.restore().await;
+    // The client retries with the same client_msg_id until the node is back.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let acked = loop {
+        let answer = a
+            .request(
+                json!({"type": "send", "to": "bob", "client_msg_id": "during", "body": "during"}),
+            )
+            .await;
+        if answer["type"] == "sent" {
+            break answer;
+        }
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        acked["seq"], 2,
+        "nothing was stored by the refused attempt: {acked}"
+    );
+    let message = b.event_of("message").await;
+    assert_eq!(message["body"], "during");
+    b.assert_quiet(Duration::from_millis(300)).await;
+    assert_eq!(
+        reqwest::get(node.url("/healthz")).await.unwrap().status(),
+        200
+    );
+    drop(node);
+}
+
+/// The `host:port` of a URL, and the byte range it spans.
+fn host_port_of(url: &str) -> (&str, (usize, usize)) {
+    let start = url
+        .find('@')
+        .map_or_else(|| url.find("://").unwrap() + 3, |at| at + 1);
+    let end = url[start..].find('/').map_or(url.len(), |at| start + at);
+    (&url[start..end], (start, end))
+}
+
 #[tokio::test]
 async fn healthz_reports_the_store_and_the_bus() {
     let Some(cluster) = Cluster::start(1).await else {
@@ -567,45 +674,80 @@ impl Drop for PrivateNats {
     }
 }
 
-/// A TCP balancer in front of the nodes, like HAProxy in production: each new connection
-/// goes to the next node that accepts it.
-struct Balancer {
+/// A TCP relay, like HAProxy in production: each new connection goes to the next target
+/// that accepts it. It can be cut (every relayed connection dropped, nothing accepted)
+/// and restored on the same address, to make a service unreachable and back.
+struct Relay {
     addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+    targets: Arc<Vec<SocketAddr>>,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
-impl Balancer {
-    async fn start(backends: Vec<SocketAddr>) -> Self {
+impl Relay {
+    async fn start(targets: Vec<SocketAddr>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let next = Arc::new(Mutex::new(0usize));
-        let task = tokio::spawn(async move {
+        let relay = Self {
+            addr: listener.local_addr().unwrap(),
+            targets: Arc::new(targets),
+            tasks: Arc::default(),
+        };
+        relay.serve(listener);
+        relay
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let targets = self.targets.clone();
+        let tasks = self.tasks.clone();
+        let next = Arc::new(AtomicUsize::new(0));
+        let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                let backends = backends.clone();
-                let next = next.clone();
-                tokio::spawn(async move {
-                    let start = {
-                        let mut next = next.lock().await;
-                        *next += 1;
-                        *next - 1
-                    };
-                    for offset in 0..backends.len() {
-                        let backend = backends[(start + offset) % backends.len()];
-                        if let Ok(mut outbound) = TcpStream::connect(backend).await {
+                let targets = targets.clone();
+                let start = next.fetch_add(1, Ordering::Relaxed);
+                let relayed = tokio::spawn(async move {
+                    for offset in 0..targets.len() {
+                        let target = targets[(start + offset) % targets.len()];
+                        if let Ok(mut outbound) = TcpStream::connect(target).await {
                             let _ =
                                 tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                             return;
                         }
                     }
                 });
+                tasks.lock().unwrap().push(relayed.abort_handle());
             }
         });
-        Self { addr, task }
+        self.tasks.lock().unwrap().push(accept.abort_handle());
+    }
+
+    /// Drops every relayed connection and stops accepting.
+    fn cut(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Accepts again on the same address.
+    async fn restore(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(error) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "rebind {}: {error}",
+                        self.addr
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        self.serve(listener);
     }
 }
 
-impl Drop for Balancer {
+impl Drop for Relay {
     fn drop(&mut self) {
-        self.task.abort();
+        self.cut();
     }
 }
