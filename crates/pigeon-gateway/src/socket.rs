@@ -27,7 +27,9 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::handshake::derive_accept_key;
-use tungstenite::protocol::frame::coding::CloseCode;
+use tokio::io::AsyncWriteExt;
+use tungstenite::protocol::frame::Frame;
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes};
 
@@ -132,8 +134,9 @@ fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, Box<Response>> {
         .map_err(|_| refuse("invalid Sec-WebSocket-Key"))
 }
 
-/// Waits for hyper to hand over the connection and wraps the bare stream as a WebSocket.
-async fn take_over(on_upgrade: OnUpgrade, config: WebSocketConfig) -> Option<Socket> {
+/// Waits for hyper to hand over the connection: the bare stream, and any bytes the
+/// client sent right behind the request.
+async fn take_over(on_upgrade: OnUpgrade) -> Option<(TcpStream, Vec<u8>)> {
     let upgraded = on_upgrade
         .await
         .map_err(|error| tracing::debug!(%error, "upgrade failed"))
@@ -143,19 +146,16 @@ async fn take_over(on_upgrade: OnUpgrade, config: WebSocketConfig) -> Option<Soc
         .downcast::<TokioIo<TcpStream>>()
         .map_err(|_| tracing::error!("upgraded connection is not a TCP stream"))
         .ok()?;
-    let stream = parts.io.into_inner();
-    Some(if parts.read_buf.is_empty() {
+    Some((parts.io.into_inner(), parts.read_buf.to_vec()))
+}
+
+/// Wraps the bare stream as a WebSocket.
+async fn wrap(stream: TcpStream, early: Vec<u8>, config: WebSocketConfig) -> Socket {
+    if early.is_empty() {
         WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await
     } else {
-        // The client sent its first frames right behind the request.
-        WebSocketStream::from_partially_read(
-            stream,
-            parts.read_buf.to_vec(),
-            Role::Server,
-            Some(config),
-        )
-        .await
-    })
+        WebSocketStream::from_partially_read(stream, early, Role::Server, Some(config)).await
+    }
 }
 
 /// Why a session ended, and how to close the socket.
@@ -207,50 +207,50 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
         config,
         pre_auth,
     } = *handoff;
-    let mut socket = take_over(on_upgrade, config).await?;
-    let authed = match pre_auth {
-        Some(caller) => Ok((caller, None)),
-        None => await_hello(state, &mut socket).await,
-    };
-    let (mut caller, hello_id) = match authed {
-        Ok(authed) => authed,
-        Err(end) => {
-            finish(&mut socket, end).await;
-            return None;
+    let (mut stream, early) = take_over(on_upgrade).await?;
+    let (socket, caller, queue_rx, activity) = match pre_auth {
+        Some(caller) => {
+            let (caller, queue_rx, activity) = register(state, caller).await;
+            // `welcome` goes straight to the stream, framed by tungstenite but before it
+            // wraps the stream: its write buffer then stays empty until the first event,
+            // which an idle connection never gets.
+            let frame = encode(&welcome(state, &caller, None)).map(|text| {
+                let mut bytes = Vec::new();
+                let _ = Frame::message(text, OpCode::Data(Data::Text), true).format(&mut bytes);
+                bytes
+            });
+            let written = match frame {
+                Some(bytes) => stream.write_all(&bytes).await.is_ok(),
+                None => false,
+            };
+            if !written {
+                unregister(state, &caller).await;
+                return None;
+            }
+            state.metrics.frames_out.increment(1);
+            (wrap(stream, early, config).await, caller, queue_rx, activity)
+        }
+        None => {
+            let mut socket = wrap(stream, early, config).await;
+            let (caller, hello_id) = match await_hello(state, &mut socket).await {
+                Ok(authed) => authed,
+                Err(end) => {
+                    finish(&mut socket, end).await;
+                    return None;
+                }
+            };
+            let (caller, queue_rx, activity) = register(state, caller).await;
+            if send_frame(state, &mut socket, &welcome(state, &caller, hello_id))
+                .await
+                .is_err()
+            {
+                close(state, &caller, &mut socket, End::Gone).await;
+                return None;
+            }
+            (socket, caller, queue_rx, activity)
         }
     };
-    let conn_id = state.registry.next_conn_id();
-    caller.conn = Some(conn_id);
-
-    let (queue_tx, queue_rx) = mpsc::channel(state.config.send_queue);
-    let activity = Arc::new(Activity::default());
-    activity.touch(&state.registry);
-    // Registered before `welcome`: anything committed after the client sees `welcome` reaches
-    // it live, and anything before is in its sync.
-    state.registry.add(
-        caller.user_id,
-        conn_id,
-        caller.device_id,
-        Sink::Socket(queue_tx, activity.clone()),
-    );
-    state.metrics.connections_open.increment(1.0);
-    state.chat.connection_opened(&caller).await;
-
-    let welcome = ServerFrame::Welcome {
-        id: hello_id,
-        protocol: PROTOCOL_VERSION,
-        user_id: caller.user_id,
-        username: caller.username.clone(),
-        device_id: caller.device_id,
-        heartbeat_timeout_ms: u64::try_from(state.config.heartbeat_timeout.as_millis())
-            .unwrap_or(u64::MAX),
-        max_body_bytes: state.chat.config().max_body_bytes,
-        max_frame_bytes: state.config.max_frame_bytes,
-    };
-    if send_frame(state, &mut socket, &welcome).await.is_err() {
-        close(state, &caller, &mut socket, End::Gone).await;
-        return None;
-    }
+    let mut socket = socket;
     // Registered after the shutdown sweep told every socket to close: close now.
     if state.cancel.is_cancelled() {
         let end = End::Close(close::GOING_AWAY, "server shutting down");
@@ -265,13 +265,55 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
     })
 }
 
-/// Unregisters the connection, records presence and closes the socket.
-async fn close(state: &AppState, caller: &Caller, socket: &mut Socket, end: End) {
+/// Registers an authenticated connection and counts it for presence. Registered before
+/// `welcome`: anything committed after the client sees `welcome` reaches it live, and
+/// anything before is in its sync.
+async fn register(
+    state: &AppState,
+    mut caller: Caller,
+) -> (Caller, mpsc::Receiver<Outbound>, Arc<Activity>) {
+    let conn_id = state.registry.next_conn_id();
+    caller.conn = Some(conn_id);
+    let (queue_tx, queue_rx) = mpsc::channel(state.config.send_queue);
+    let activity = Arc::new(Activity::default());
+    activity.touch(&state.registry);
+    state.registry.add(
+        caller.user_id,
+        conn_id,
+        caller.device_id,
+        Sink::Socket(queue_tx, activity.clone()),
+    );
+    state.metrics.connections_open.increment(1.0);
+    state.chat.connection_opened(&caller).await;
+    (caller, queue_rx, activity)
+}
+
+fn welcome(state: &AppState, caller: &Caller, hello_id: Option<ReqId>) -> ServerFrame {
+    ServerFrame::Welcome {
+        id: hello_id,
+        protocol: PROTOCOL_VERSION,
+        user_id: caller.user_id,
+        username: caller.username.clone(),
+        device_id: caller.device_id,
+        heartbeat_timeout_ms: u64::try_from(state.config.heartbeat_timeout.as_millis())
+            .unwrap_or(u64::MAX),
+        max_body_bytes: state.chat.config().max_body_bytes,
+        max_frame_bytes: state.config.max_frame_bytes,
+    }
+}
+
+/// Takes the connection out of the registry and presence.
+async fn unregister(state: &AppState, caller: &Caller) {
     if let Some(conn_id) = caller.conn {
         state.registry.remove(caller.user_id, conn_id);
     }
     state.metrics.connections_open.decrement(1.0);
     state.chat.connection_closed(caller).await;
+}
+
+/// Unregisters the connection, records presence and closes the socket.
+async fn close(state: &AppState, caller: &Caller, socket: &mut Socket, end: End) {
+    unregister(state, caller).await;
     finish(socket, end).await;
 }
 
