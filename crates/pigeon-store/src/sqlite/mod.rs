@@ -99,6 +99,7 @@ impl SqliteStore {
              PRAGMA synchronous = FULL;
              PRAGMA foreign_keys = ON;
              PRAGMA cache_size = -65536;
+             PRAGMA wal_autocheckpoint = 10000;
              PRAGMA temp_store = MEMORY;",
         )
         .map_err(map_err)?;
