@@ -62,10 +62,13 @@ pub trait Deliver: Send + Sync + 'static {
 pub trait Bus: Send + Sync + 'static {
     /// Sends an envelope to every node with a subscription for one of its users.
     async fn publish(&self, envelope: Envelope) -> Result<(), BusError>;
-    /// Starts routing envelopes for `user` to this node.
+    /// One more connection of `user` on this node: envelopes for them are routed here
+    /// from the first until the last one is gone. Called for every connection.
     async fn subscribe(&self, user: UserId) -> Result<(), BusError>;
-    /// Stops routing envelopes for `user` to this node.
+    /// One connection of `user` on this node fewer.
     async fn unsubscribe(&self, user: UserId) -> Result<(), BusError>;
+    /// Hands whatever is still buffered to the network (shutdown).
+    async fn close(&self) {}
     /// Whether events can reach other nodes now (for `/healthz`).
     fn is_healthy(&self) -> bool {
         true

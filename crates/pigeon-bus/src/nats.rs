@@ -12,8 +12,9 @@
 //! node asks every local connection to reconnect and sync (see [`Deliver::resync`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event, HeaderMap, Subscriber};
 use async_trait::async_trait;
@@ -28,8 +29,24 @@ use crate::{Bus, BusError, ConnId, Deliver, Envelope, Payload};
 const SUBJECT_PREFIX: &str = "pigeon.user.";
 const HEADER_SKIP: &str = "Pigeon-Skip";
 const HEADER_CLOSE_DEVICE: &str = "Pigeon-Close-Device";
-/// Longest a new connection waits for NATS to confirm its user's subscription.
-const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Longest a new connection waits on NATS for its user's subscription.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest one event's publications may wait on NATS before the rest are dropped: the
+/// single publisher task must not stall local delivery behind a slow or half-open
+/// connection.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the client pings the server, so a half-open connection is noticed.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One user's subscription on this node, shared by all of their local connections.
+struct UserSubscription {
+    /// Local connections of the user.
+    connections: u32,
+    /// Names the subscribe call that owns `stop`, so a late one cannot clobber a newer one.
+    generation: u64,
+    /// Dropping it ends (and unsubscribes) the stream; `None` while subscribing.
+    stop: Option<oneshot::Sender<()>>,
+}
 
 /// A subscription's stream of messages, ending when its user's last connection closes.
 type UserStream = futures::stream::BoxStream<'static, async_nats::Message>;
@@ -38,8 +55,9 @@ type UserStream = futures::stream::BoxStream<'static, async_nats::Message>;
 pub struct NatsBus {
     client: Client,
     sink: Arc<dyn Deliver>,
-    /// Per subscribed user: dropping the sender ends (and unsubscribes) the stream.
-    subscriptions: Mutex<HashMap<UserId, oneshot::Sender<()>>>,
+    /// Per user with local connections.
+    subscriptions: Mutex<HashMap<UserId, UserSubscription>>,
+    generations: AtomicU64,
     /// New subscriptions for the receiving task.
     streams: mpsc::UnboundedSender<UserStream>,
     connected: Arc<AtomicBool>,
@@ -56,6 +74,7 @@ impl NatsBus {
         let events_connected = connected.clone();
         let client = ConnectOptions::new()
             .no_echo()
+            .ping_interval(PING_INTERVAL)
             .name("pigeon")
             .event_callback(move |event| {
                 let sink = events_sink.clone();
@@ -89,6 +108,7 @@ impl NatsBus {
             client,
             sink: sink.clone(),
             subscriptions: Mutex::new(HashMap::new()),
+            generations: AtomicU64::new(0),
             streams,
             connected,
             published: metrics::counter!("pigeon_bus_published_total"),
@@ -159,8 +179,8 @@ impl Bus for NatsBus {
         // Local connections first: they never wait on the network.
         self.sink.deliver(&envelope);
         if !self.is_connected() {
-            // Not queued for later: the other nodes resync their clients when the bus is
-            // back, and local publishing must not stall behind a dead connection.
+            // Not queued for later: the nodes resync their clients when the bus is back,
+            // and local publishing must not stall behind a dead connection.
             self.dropped.increment(envelope.users.len() as u64);
             return Ok(());
         }
@@ -175,54 +195,92 @@ impl Bus for NatsBus {
                 Bytes::new()
             }
         };
-        for user in envelope.users.iter() {
-            self.client
-                .publish_with_headers(subject(*user), headers.clone(), payload.clone())
-                .await
-                .map_err(|error| BusError::Unavailable(error.to_string()))?;
-            self.published.increment(1);
+        let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
+        for (sent, user) in envelope.users.iter().enumerate() {
+            let publish =
+                self.client
+                    .publish_with_headers(subject(*user), headers.clone(), payload.clone());
+            match tokio::time::timeout_at(deadline, publish).await {
+                Ok(Ok(())) => self.published.increment(1),
+                Ok(Err(error)) => return Err(BusError::Unavailable(error.to_string())),
+                Err(_) => {
+                    // Their clients notice the gap at the next event or reconnect, and sync.
+                    let left = envelope.users.len() - sent;
+                    self.dropped.increment(left as u64);
+                    tracing::warn!(left, "bus publish timed out; dropping the rest of an event");
+                    return Ok(());
+                }
+            }
         }
         Ok(())
     }
 
     async fn subscribe(&self, user: UserId) -> Result<(), BusError> {
-        let subscriber: Subscriber = self
-            .client
-            .subscribe(subject(user))
-            .await
-            .map_err(|error| BusError::Unavailable(error.to_string()))?;
-        // The server has the subscription once a round trip has passed: from here on, no
-        // event for this user is missed by this node. While NATS is away the client
-        // subscribes again on reconnect, and the resync that follows covers the gap, so a
-        // new connection does not wait for NATS.
-        if self.is_connected() {
-            match tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!(%error, "bus flush after subscribe failed"),
-                Err(_) => tracing::warn!("bus flush after subscribe timed out"),
+        let generation = {
+            let mut subscriptions = self.subscriptions.lock().expect("subscriptions lock");
+            let entry = subscriptions.entry(user).or_insert(UserSubscription {
+                connections: 0,
+                generation: 0,
+                stop: None,
+            });
+            entry.connections += 1;
+            if entry.connections > 1 {
+                // Subscribed already, or being subscribed by the first connection.
+                return Ok(());
+            }
+            entry.generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+            entry.generation
+        };
+        let subscribed = tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
+            let subscriber = self.client.subscribe(subject(user)).await?;
+            // Sends the SUB now rather than with the next batch of publications.
+            self.client.flush().await?;
+            Ok::<Subscriber, Box<dyn std::error::Error + Send + Sync>>(subscriber)
+        })
+        .await;
+        let subscriber = match subscribed {
+            Ok(Ok(subscriber)) => subscriber,
+            Ok(Err(error)) => return Err(BusError::Unavailable(error.to_string())),
+            // While NATS is away the client subscribes again once it is back, and the
+            // resync that follows covers the gap: a new connection does not wait for it.
+            Err(_) => return Err(BusError::Unavailable("subscribe timed out".to_owned())),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        {
+            let mut subscriptions = self.subscriptions.lock().expect("subscriptions lock");
+            match subscriptions.get_mut(&user) {
+                Some(entry) if entry.generation == generation => entry.stop = Some(stop),
+                // Every connection left meanwhile (dropping `stop` ends the stream at once).
+                _ => return Ok(()),
             }
         }
-        let (stop, stopped) = oneshot::channel::<()>();
         // Dropping the subscriber when the stream ends unsubscribes it.
         let stream = subscriber.take_until(stopped).boxed();
-        let previous = self
-            .subscriptions
-            .lock()
-            .expect("subscriptions lock")
-            .insert(user, stop);
-        drop(previous);
         self.streams
             .send(stream)
             .map_err(|_| BusError::Unavailable("bus receiver stopped".to_owned()))
     }
 
     async fn unsubscribe(&self, user: UserId) -> Result<(), BusError> {
-        // Dropping the sender ends the stream, which drops the subscriber.
-        self.subscriptions
-            .lock()
-            .expect("subscriptions lock")
-            .remove(&user);
+        let mut subscriptions = self.subscriptions.lock().expect("subscriptions lock");
+        if let Some(entry) = subscriptions.get_mut(&user) {
+            entry.connections = entry.connections.saturating_sub(1);
+            if entry.connections == 0 {
+                // Dropping `stop` ends the stream, which drops the subscriber.
+                subscriptions.remove(&user);
+            }
+        }
         Ok(())
+    }
+
+    async fn close(&self) {
+        // Whatever the publisher handed over last still reaches the other nodes.
+        if tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.client.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("bus flush at shutdown timed out");
+        }
     }
 
     fn is_healthy(&self) -> bool {

@@ -18,9 +18,11 @@ const ENV: &str = "PIGEON_CONFIG_FILE";
 
 /// Returns the arguments with the config file's settings added, for `pigeon serve`.
 pub(crate) fn expand<C: CommandFactory>(args: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
-    let Some(serve_at) = args.iter().position(|arg| arg == "serve") else {
+    // `pigeon` has no global flags, so a subcommand is always the first argument.
+    let serve_at = 1;
+    if args.get(serve_at).is_none_or(|arg| arg != "serve") {
         return Ok(args);
-    };
+    }
     let given: Vec<String> = args[serve_at + 1..]
         .iter()
         .map(|arg| arg.to_string_lossy().into_owned())
@@ -43,9 +45,10 @@ pub(crate) fn expand<C: CommandFactory>(args: Vec<OsString>) -> anyhow::Result<V
         else {
             bail!("{path}: unknown setting `{key}` (see `pigeon serve --help`)");
         };
+        // An empty variable counts as unset, as the flags treat it.
         let from_env = arg
             .get_env()
-            .is_some_and(|env| std::env::var_os(env).is_some());
+            .is_some_and(|env| std::env::var_os(env).is_some_and(|value| !value.is_empty()));
         if from_env || flag_value(&given, &name).is_some() {
             continue;
         }

@@ -44,10 +44,9 @@ pub(crate) fn start_refresh(chat: Weak<ChatService>) {
             ticks.tick().await;
             let Some(chat) = chat.upgrade() else { return };
             let users: Vec<UserId> = chat.presence.online.iter().map(|e| *e.key()).collect();
-            let now = now_ms();
             if let Err(error) = chat
                 .store
-                .presence_refresh(chat.presence.node, &users, chat.presence_expiry(now), now)
+                .presence_refresh(chat.presence.node, &users, chat.presence_ttl_ms())
                 .await
             {
                 tracing::warn!(%error, "refreshing presence records failed");
@@ -88,17 +87,22 @@ impl Presence {
 impl ChatService {
     /// Records a newly authenticated connection; announces the user online on their first.
     pub async fn connection_opened(&self, caller: &Caller) {
+        // Every connection counts on the bus (it keeps its own count), so a quick close
+        // and reopen cannot leave the user without a subscription.
+        if let Err(error) = self.bus.subscribe(caller.user_id).await {
+            tracing::warn!(%error, user = %caller.user_id, "bus subscribe failed");
+        }
         if self.presence.add(caller.user_id) {
             self.record_presence(caller.user_id, true).await;
-            if let Err(error) = self.bus.subscribe(caller.user_id).await {
-                tracing::warn!(%error, user = %caller.user_id, "bus subscribe failed");
-            }
             self.announce_presence(caller).await;
         }
     }
 
     /// Records a closed connection; announces the user offline when it was their last.
     pub async fn connection_closed(&self, caller: &Caller) {
+        if let Err(error) = self.bus.unsubscribe(caller.user_id).await {
+            tracing::warn!(%error, user = %caller.user_id, "bus unsubscribe failed");
+        }
         let now = now_ms();
         if let Err(error) = self.store.touch_device(caller.device_id, now).await {
             tracing::warn!(%error, "recording device last-seen failed");
@@ -108,24 +112,19 @@ impl ChatService {
             if let Err(error) = self.store.set_last_seen(caller.user_id, now).await {
                 tracing::warn!(%error, "recording last-seen failed");
             }
-            if let Err(error) = self.bus.unsubscribe(caller.user_id).await {
-                tracing::warn!(%error, user = %caller.user_id, "bus unsubscribe failed");
-            }
             self.announce_presence(caller).await;
         }
     }
 
-    fn presence_expiry(&self, now: i64) -> i64 {
-        let ttl = i64::try_from(self.config.presence_ttl.as_millis()).unwrap_or(i64::MAX);
-        now.saturating_add(ttl)
+    fn presence_ttl_ms(&self) -> i64 {
+        i64::try_from(self.config.presence_ttl.as_millis()).unwrap_or(i64::MAX / 2)
     }
 
     /// Writes this node's presence record for the user (cluster stores keep one).
     async fn record_presence(&self, user: UserId, online: bool) {
-        let expires_at = self.presence_expiry(now_ms());
         if let Err(error) = self
             .store
-            .presence_set(self.presence.node, user, online, expires_at)
+            .presence_set(self.presence.node, user, online, self.presence_ttl_ms())
             .await
         {
             // The next refresh writes it.
@@ -135,7 +134,7 @@ impl ChatService {
 
     /// Which of `users` are online on any node.
     pub(crate) async fn online_among(&self, users: &[UserId]) -> Result<HashSet<UserId>> {
-        match self.store.presence_online(users, now_ms()).await? {
+        match self.store.presence_online(users).await? {
             Some(online) => Ok(online.into_iter().collect()),
             None => Ok(users
                 .iter()

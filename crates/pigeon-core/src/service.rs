@@ -176,10 +176,12 @@ impl ChatService {
         }
     }
 
-    /// Waits until every committed message has been handed to the bus, then closes the store.
+    /// Closes the store (its last batch commits, with its hooks), waits until every
+    /// committed event has been handed to the bus, then lets the bus flush.
     pub async fn close(&self) {
         self.store.close().await;
         self.publisher.drain().await;
+        self.bus.close().await;
     }
 }
 

@@ -279,8 +279,13 @@ pub(crate) async fn expire_idle(state: &AppState) {
         })
         .map(|entry| entry.value().clone())
         .collect();
+    // Each retirement waits on the store and the bus: one task each, so a slow database
+    // does not hold up the sweep (and with it the sockets' heartbeat timeouts).
     for session in expired {
-        close_session(state, &session).await;
+        let state_for_task = state.clone();
+        state
+            .tasks
+            .spawn(async move { close_session(&state_for_task, &session).await });
     }
 }
 

@@ -14,6 +14,8 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::prelude::BASE64_STANDARD;
 use futures::{SinkExt, StreamExt};
 use futures_channel::mpsc;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -23,11 +25,11 @@ use pigeon_core::{Caller, ChatError};
 use pigeon_proto::{
     ClientFrame, ErrorCode, FrameError, PROTOCOL_VERSION, ReqId, ServerFrame, close,
 };
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::handshake::derive_accept_key;
-use tokio::io::AsyncWriteExt;
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -127,9 +129,19 @@ fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, Box<Response>> {
         );
         return Err(Box::new(response));
     }
-    let key = headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or_else(|| refuse("missing Sec-WebSocket-Key"))?;
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(key), None) => key,
+        (None, _) => return Err(refuse("missing Sec-WebSocket-Key")),
+        (Some(_), Some(_)) => return Err(refuse("more than one Sec-WebSocket-Key")),
+    };
+    // RFC 6455 §4.2.1: the base64 encoding of 16 bytes.
+    if BASE64_STANDARD
+        .decode(key.as_bytes())
+        .map_or(true, |nonce| nonce.len() != 16)
+    {
+        return Err(refuse("Sec-WebSocket-Key is not 16 base64-encoded bytes"));
+    }
     HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
         .map_err(|_| refuse("invalid Sec-WebSocket-Key"))
 }
@@ -228,7 +240,12 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
                 return None;
             }
             state.metrics.frames_out.increment(1);
-            (wrap(stream, early, config).await, caller, queue_rx, activity)
+            (
+                wrap(stream, early, config).await,
+                caller,
+                queue_rx,
+                activity,
+            )
         }
         None => {
             let mut socket = wrap(stream, early, config).await;

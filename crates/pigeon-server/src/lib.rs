@@ -53,6 +53,15 @@ pub async fn run(
         ),
         Err(error) => tracing::warn!(%error, "could not raise the open files limit"),
     }
+    match (&config.database, &config.bus) {
+        (None, Some(_)) => anyhow::bail!(
+            "--bus needs --database: nodes sharing a bus must share one PostgreSQL database"
+        ),
+        (Some(_), None) => tracing::warn!(
+            "PostgreSQL without --bus: this node cannot run beside others; add --bus nats://… for a cluster"
+        ),
+        _ => {}
+    }
     let store: Arc<dyn Store> = match &config.database {
         Some(url) => {
             let store = PostgresStore::connect(&PostgresConfig::new(url.clone()))

@@ -432,33 +432,29 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 
     /// Cluster presence: `user` has (`online`) or no longer has connections on `node`; the
-    /// record counts until `expires_at` (ms) unless refreshed. A single-node store keeps
-    /// no shared presence and ignores this (see [`Store::presence_online`]).
+    /// record counts for `ttl_ms` unless refreshed. Time is the database's clock, so nodes'
+    /// clocks need not agree. A single-node store keeps no shared presence and ignores
+    /// this (see [`Store::presence_online`]).
     async fn presence_set(
         &self,
         _node: i64,
         _user: UserId,
         _online: bool,
-        _expires_at: i64,
+        _ttl_ms: i64,
     ) -> Result<()> {
         Ok(())
     }
 
-    /// Cluster presence: `users` are exactly the users with connections on `node`; their
-    /// records count until `expires_at`. Also forgets records that expired before `now`.
-    async fn presence_refresh(
-        &self,
-        _node: i64,
-        _users: &[UserId],
-        _expires_at: i64,
-        _now: i64,
-    ) -> Result<()> {
+    /// Cluster presence: extends the records of `users`, the users with connections on
+    /// `node`, by `ttl_ms` (writing any a failed [`Store::presence_set`] missed), and
+    /// forgets expired records.
+    async fn presence_refresh(&self, _node: i64, _users: &[UserId], _ttl_ms: i64) -> Result<()> {
         Ok(())
     }
 
-    /// Cluster presence: which of `users` have connections on some live node at `now`.
+    /// Cluster presence: which of `users` have connections on some live node.
     /// `None` when this store keeps no shared presence: the node's own count is the truth.
-    async fn presence_online(&self, _users: &[UserId], _now: i64) -> Result<Option<Vec<UserId>>> {
+    async fn presence_online(&self, _users: &[UserId]) -> Result<Option<Vec<UserId>>> {
         Ok(None)
     }
 

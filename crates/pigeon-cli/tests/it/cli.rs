@@ -210,7 +210,9 @@ async fn serve_reads_a_config_file_and_flags_win_over_it() {
         .await;
     assert_eq!(three["code"], "limit_exceeded", "{three}");
     let two = a
-        .request(serde_json::json!({"type": "create_group", "title": "t", "members": ["bob", "bea"]}))
+        .request(
+            serde_json::json!({"type": "create_group", "title": "t", "members": ["bob", "bea"]}),
+        )
         .await;
     assert_eq!(two["type"], "group", "{two}");
 

@@ -514,6 +514,28 @@ async fn typing_receipts_and_group_changes_cross_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_reconnects_keep_receiving_from_other_nodes() {
+    let Some(cluster) = Cluster::start(2).await else {
+        return;
+    };
+    let alice = cluster.nodes[0].user("alice").await;
+    let bob = cluster.nodes[1].user("bob").await;
+    let mut a = alice.connect(&cluster.nodes[0]).await;
+    // Close and reopen at once, again and again: each close may still be finishing when
+    // the next connection opens.
+    let mut b = bob.connect(&cluster.nodes[1]).await;
+    for _ in 0..5 {
+        let next = bob.connect(&cluster.nodes[1]).await;
+        b.close().await;
+        b = next;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send(&mut a, "bob", "after", "still subscribed").await;
+    let message = b.event_of("message").await;
+    assert_eq!(message["body"], "still subscribed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_going_away_fails_sends_retryably_and_the_node_recovers() {
     let Some(nats) = nats_url() else { return };
     let Some(database) = TestDatabase::create().await else {

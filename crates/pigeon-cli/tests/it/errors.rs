@@ -279,3 +279,26 @@ async fn login_attempts_are_rate_limited_per_address() {
     }
     assert!(statuses.contains(&429), "{statuses:?}");
 }
+
+#[tokio::test]
+async fn malformed_websocket_upgrades_are_refused_before_upgrading() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(&[]);
+    let cases = [
+        ("dGhlIHNhbXBsZSBub25jZQ==", "13", "101"),
+        ("short", "13", "400"),
+        ("dGhlIHNhbXBsZSBub25jZQ==", "8", "426"),
+    ];
+    for (key, version, expected) in cases {
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: {version}\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        let status = String::from_utf8_lossy(&head[9..12]).into_owned();
+        assert_eq!(status, expected, "key {key}, version {version}");
+    }
+}

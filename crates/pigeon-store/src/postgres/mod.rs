@@ -333,28 +333,16 @@ impl Store for PostgresStore {
         Ok(threads::get_membership(&self.shared, thread_id, user_id).await?)
     }
 
-    async fn presence_set(
-        &self,
-        node: i64,
-        user: UserId,
-        online: bool,
-        expires_at: i64,
-    ) -> Result<()> {
-        Ok(presence::set(&self.shared, node, user, online, expires_at).await?)
+    async fn presence_set(&self, node: i64, user: UserId, online: bool, ttl_ms: i64) -> Result<()> {
+        Ok(presence::set(&self.shared, node, user, online, ttl_ms).await?)
     }
 
-    async fn presence_refresh(
-        &self,
-        node: i64,
-        users: &[UserId],
-        expires_at: i64,
-        now: i64,
-    ) -> Result<()> {
-        Ok(presence::refresh(&self.shared, node, users, expires_at, now).await?)
+    async fn presence_refresh(&self, node: i64, users: &[UserId], ttl_ms: i64) -> Result<()> {
+        Ok(presence::refresh(&self.shared, node, users, ttl_ms).await?)
     }
 
-    async fn presence_online(&self, users: &[UserId], now: i64) -> Result<Option<Vec<UserId>>> {
-        Ok(Some(presence::online(&self.shared, users, now).await?))
+    async fn presence_online(&self, users: &[UserId]) -> Result<Option<Vec<UserId>>> {
+        Ok(Some(presence::online(&self.shared, users).await?))
     }
 
     async fn list_presence_audience(&self, user_id: UserId) -> Result<Vec<UserId>> {
