@@ -18,7 +18,8 @@ use base64::Engine;
 use base64::prelude::BASE64_STANDARD;
 use futures::{SinkExt, StreamExt};
 use futures_channel::mpsc;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::clock::MonotonicClock;
+use governor::{Quota, RateLimiter};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use pigeon_core::{Caller, ChatError};
@@ -409,7 +410,9 @@ async fn serve(
     let quota =
         Quota::per_second(NonZeroU32::new(state.config.rate_per_second.max(1)).expect("nonzero"))
             .allow_burst(NonZeroU32::new(state.config.rate_burst.max(1)).expect("nonzero"));
-    let limiter: DefaultDirectRateLimiter = RateLimiter::direct(quota);
+    // The std clock: governor's default (quanta) calibrates itself with CPUID for every
+    // new limiter, which was a tenth of the server's CPU while sockets were connecting.
+    let limiter = RateLimiter::direct_with_clock(quota, MonotonicClock);
     let mut pending: Option<Answer<'_>> = None;
 
     loop {
