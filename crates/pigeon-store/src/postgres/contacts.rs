@@ -13,16 +13,8 @@ use super::Shared;
 use super::error::PgResult;
 use super::sql::{execute, query, query_one, query_opt};
 use super::user_events::append_user_events;
-use crate::common::now_ms;
+use crate::common::{ContactSide as Side, apply_contact_action, now_ms};
 use crate::{ContactChanged, StoreError};
-
-/// One side of a relationship as stored.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Side {
-    state: Option<ContactState>,
-    blocked: bool,
-    alias: Option<String>,
-}
 
 const READ_SIDE: &str =
     "SELECT state, blocked, alias FROM contacts WHERE owner_id = $1 AND peer_id = $2";
@@ -119,61 +111,7 @@ pub(super) async fn contact_action(
     let mut theirs = side_from(theirs)?;
     let (old_mine, old_theirs) = (mine.clone(), theirs.clone());
     // Whether the peer may learn of this change (never of a block).
-    let mut tell_peer = true;
-    match action {
-        ContactAction::Request => {
-            if theirs.blocked {
-                return Err(StoreError::Blocked.into());
-            }
-            if mine.blocked {
-                return Err(StoreError::Forbidden("unblock them first").into());
-            }
-            match mine.state {
-                Some(ContactState::Friend | ContactState::Requested) => {}
-                Some(ContactState::Incoming) => {
-                    mine.state = Some(ContactState::Friend);
-                    theirs.state = Some(ContactState::Friend);
-                }
-                None => {
-                    mine.state = Some(ContactState::Requested);
-                    theirs.state = Some(ContactState::Incoming);
-                }
-            }
-        }
-        ContactAction::Accept => {
-            if mine.state != Some(ContactState::Incoming) {
-                return Err(StoreError::NoPendingRequest.into());
-            }
-            mine.state = Some(ContactState::Friend);
-            theirs.state = Some(ContactState::Friend);
-        }
-        ContactAction::Decline | ContactAction::Cancel => {
-            let needed = if action == ContactAction::Decline {
-                ContactState::Incoming
-            } else {
-                ContactState::Requested
-            };
-            if mine.state != Some(needed) {
-                return Err(StoreError::NoPendingRequest.into());
-            }
-            mine.state = None;
-            theirs.state = None;
-        }
-        ContactAction::Remove => {
-            mine.state = None;
-            theirs.state = None;
-        }
-        ContactAction::Block => {
-            mine.blocked = true;
-            mine.state = None;
-            theirs.state = None;
-            tell_peer = false;
-        }
-        ContactAction::Unblock => {
-            mine.blocked = false;
-            tell_peer = false;
-        }
-    }
+    let tell_peer = apply_contact_action(action, &mut mine, &mut theirs)?;
     futures::future::try_join(
         write_side(tx, owner, peer, &mine),
         write_side(tx, peer, owner, &theirs),

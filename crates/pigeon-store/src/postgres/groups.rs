@@ -20,7 +20,7 @@ use super::error::PgResult;
 use super::messages::{LOCK_THREAD, write_message};
 use super::sql::{execute, query, query_opt, user_ids, uuids};
 use super::user_events::append_user_events;
-use crate::common::{now_ms, participants_hash, to_i64, to_u64};
+use crate::common::{check_group_change, now_ms, participants_hash, to_i64, to_u64};
 use crate::{Actor, GroupChange, GroupChanged, GroupLimits, NewGroup, SettingsPatch, StoreError};
 
 pub(super) async fn create_group(
@@ -160,12 +160,9 @@ pub(super) async fn change_group(
     let mut removed = Vec::new();
     let mut user_events = Vec::new();
 
+    check_group_change(actor.user_id, actor_role, change)?;
     let event = match change.clone() {
         GroupChange::AddMembers(users) => {
-            require(
-                actor_role >= Role::Admin,
-                "only admins and the owner add members",
-            )?;
             let new: Vec<UserId> = users
                 .into_iter()
                 .collect::<BTreeSet<_>>()
@@ -267,10 +264,6 @@ pub(super) async fn change_group(
             avatar,
             share_history,
         } => {
-            require(
-                actor_role >= Role::Admin,
-                "only admins and the owner change the group",
-            )?;
             let current = &locked.group;
             let title = title.filter(|t| *t != current.title);
             let topic = topic.filter(|t| current.topic.as_deref().unwrap_or("") != t);
@@ -307,18 +300,6 @@ pub(super) async fn change_group(
             }
         }
         GroupChange::SetRole(user, role) => {
-            require(
-                actor_role == Role::Owner,
-                "only the owner promotes and demotes admins",
-            )?;
-            require(
-                role != Role::Owner,
-                "use transfer_ownership to hand ownership over",
-            )?;
-            require(
-                user != actor.user_id,
-                "the owner's role changes only by transfer_ownership",
-            )?;
             let target = role_of(tx, thread_id, user)
                 .await?
                 .ok_or(StoreError::TargetNotMember)?;
@@ -329,11 +310,6 @@ pub(super) async fn change_group(
             SystemEvent::RoleChanged { user, role }
         }
         GroupChange::TransferOwnership(user) => {
-            require(
-                actor_role == Role::Owner,
-                "only the owner hands ownership over",
-            )?;
-            require(user != actor.user_id, "already the owner")?;
             role_of(tx, thread_id, user)
                 .await?
                 .ok_or(StoreError::TargetNotMember)?;
@@ -385,11 +361,7 @@ fn unchanged(group: GroupInfo, members: Vec<UserId>) -> GroupChanged {
 }
 
 fn require(allowed: bool, why: &'static str) -> PgResult<()> {
-    if allowed {
-        Ok(())
-    } else {
-        Err(StoreError::Forbidden(why).into())
-    }
+    Ok(crate::common::require(allowed, why)?)
 }
 
 /// Checks, in the order given, that every user exists, has not blocked `actor`, and has

@@ -14,7 +14,10 @@ use pigeon_proto::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{WriterState, insert_message};
-use crate::common::{now_ms, participants_hash, to_i64, to_u64, user_events_prune_upto};
+use crate::common::{
+    ContactSide as Side, apply_contact_action, check_group_change, now_ms, participants_hash,
+    require, to_i64, to_u64, user_events_prune_upto,
+};
 use crate::{
     Actor, ContactChanged, GroupChange, GroupChanged, GroupLimits, NewGroup, Result, SettingsPatch,
     StoreError,
@@ -139,12 +142,9 @@ pub(super) fn change_group(
     let mut removed = Vec::new();
     let mut user_events = Vec::new();
 
+    check_group_change(actor.user_id, actor_role, &change)?;
     let event = match change {
         GroupChange::AddMembers(users) => {
-            require(
-                actor_role >= Role::Admin,
-                "only admins and the owner add members",
-            )?;
             let new: Vec<UserId> = users
                 .into_iter()
                 .collect::<BTreeSet<_>>()
@@ -240,10 +240,6 @@ pub(super) fn change_group(
             avatar,
             share_history,
         } => {
-            require(
-                actor_role >= Role::Admin,
-                "only admins and the owner change the group",
-            )?;
             let current = read_group(conn, thread_id)?;
             let title = title.filter(|t| *t != current.title);
             let topic = topic.filter(|t| current.topic.as_deref().unwrap_or("") != t);
@@ -281,18 +277,6 @@ pub(super) fn change_group(
             }
         }
         GroupChange::SetRole(user, role) => {
-            require(
-                actor_role == Role::Owner,
-                "only the owner promotes and demotes admins",
-            )?;
-            require(
-                role != Role::Owner,
-                "use transfer_ownership to hand ownership over",
-            )?;
-            require(
-                user != actor.user_id,
-                "the owner's role changes only by transfer_ownership",
-            )?;
             let target = role_of(conn, thread_id, user)?.ok_or(StoreError::TargetNotMember)?;
             if target == role {
                 return unchanged(conn, thread_id, before);
@@ -301,11 +285,6 @@ pub(super) fn change_group(
             SystemEvent::RoleChanged { user, role }
         }
         GroupChange::TransferOwnership(user) => {
-            require(
-                actor_role == Role::Owner,
-                "only the owner hands ownership over",
-            )?;
-            require(user != actor.user_id, "already the owner")?;
             role_of(conn, thread_id, user)?.ok_or(StoreError::TargetNotMember)?;
             set_role(conn, thread_id, user, Role::Owner)?;
             set_role(conn, thread_id, actor.user_id, Role::Admin)?;
@@ -343,14 +322,6 @@ fn unchanged(conn: &Connection, thread_id: ThreadId, members: Vec<UserId>) -> Re
         recipients: members.into(),
         user_events: Vec::new(),
     })
-}
-
-fn require(allowed: bool, why: &'static str) -> Result<()> {
-    if allowed {
-        Ok(())
-    } else {
-        Err(StoreError::Forbidden(why))
-    }
 }
 
 /// Checks that every user exists, has not blocked `actor`, and has room for another group.
@@ -560,14 +531,6 @@ pub(super) fn set_thread_settings(
     Ok((settings, record))
 }
 
-/// One side of a relationship as stored.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Side {
-    state: Option<ContactState>,
-    blocked: bool,
-    alias: Option<String>,
-}
-
 fn read_side(conn: &Connection, owner: UserId, peer: UserId) -> Result<Side> {
     Ok(conn
         .prepare_cached(
@@ -644,59 +607,7 @@ pub(super) fn contact_action(
     let mut theirs = read_side(conn, peer, owner)?;
     let (old_mine, old_theirs) = (mine.clone(), theirs.clone());
     // Whether the peer may learn of this change (never of a block).
-    let mut tell_peer = true;
-    match action {
-        ContactAction::Request => {
-            if theirs.blocked {
-                return Err(StoreError::Blocked);
-            }
-            require(!mine.blocked, "unblock them first")?;
-            match mine.state {
-                Some(ContactState::Friend | ContactState::Requested) => {}
-                Some(ContactState::Incoming) => {
-                    mine.state = Some(ContactState::Friend);
-                    theirs.state = Some(ContactState::Friend);
-                }
-                None => {
-                    mine.state = Some(ContactState::Requested);
-                    theirs.state = Some(ContactState::Incoming);
-                }
-            }
-        }
-        ContactAction::Accept => {
-            if mine.state != Some(ContactState::Incoming) {
-                return Err(StoreError::NoPendingRequest);
-            }
-            mine.state = Some(ContactState::Friend);
-            theirs.state = Some(ContactState::Friend);
-        }
-        ContactAction::Decline | ContactAction::Cancel => {
-            let needed = if action == ContactAction::Decline {
-                ContactState::Incoming
-            } else {
-                ContactState::Requested
-            };
-            if mine.state != Some(needed) {
-                return Err(StoreError::NoPendingRequest);
-            }
-            mine.state = None;
-            theirs.state = None;
-        }
-        ContactAction::Remove => {
-            mine.state = None;
-            theirs.state = None;
-        }
-        ContactAction::Block => {
-            mine.blocked = true;
-            mine.state = None;
-            theirs.state = None;
-            tell_peer = false;
-        }
-        ContactAction::Unblock => {
-            mine.blocked = false;
-            tell_peer = false;
-        }
-    }
+    let tell_peer = apply_contact_action(action, &mut mine, &mut theirs)?;
     write_side(conn, owner, peer, &mine)?;
     write_side(conn, peer, owner, &theirs)?;
     let contact = info(peer, peer_name, &mine);
