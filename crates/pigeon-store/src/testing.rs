@@ -69,10 +69,13 @@ impl TestDatabase {
         with_dbname(&self.admin_url, &self.name)
     }
 
-    /// The store configuration for this database.
+    /// The store configuration for this database. Waits are generous: the whole suite
+    /// runs at once on a small machine, and a test must not fail because the machine was
+    /// busy (a 5 s connect timeout did, once, here).
     pub fn config(&self) -> PostgresConfig {
         PostgresConfig {
             pool_size: 8,
+            acquire_timeout: std::time::Duration::from_secs(30),
             ..PostgresConfig::new(self.url())
         }
     }
