@@ -9,6 +9,7 @@ mod metrics;
 mod registry;
 mod serve;
 mod socket;
+mod web;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,6 +122,8 @@ pub fn router(
     state.tasks.spawn(sweep(state.clone()));
     let max_body = state.config.max_frame_bytes;
     Router::new()
+        .route("/", get(web::index))
+        .route("/web/{name}", get(web::file))
         .route("/ws", get(socket::upgrade))
         .route("/v1/register", post(http::register))
         .route("/v1/login", post(http::login))

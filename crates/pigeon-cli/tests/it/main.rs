@@ -3,6 +3,7 @@
 mod support;
 
 mod bench;
+mod browser;
 mod chat;
 mod cli;
 mod cluster;

@@ -1,0 +1,110 @@
+// Two people chat through the browser client in headless Chromium.
+// Usage: node chat.mjs <server base URL> [screenshot folder]
+// Run by crates/pigeon-cli/tests/it/browser.rs against a real `pigeon serve`.
+
+import { chromium } from 'playwright-core';
+
+const base = process.argv[2];
+const shots = process.argv[3];
+const TIMEOUT = 15000;
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync', '--no-first-run'],
+});
+
+function check(condition, what) {
+  if (!condition) throw new Error(`check failed: ${what}`);
+}
+
+async function person(name) {
+  const context = await browser.newContext({ viewport: { width: 1000, height: 700 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  const problems = [];
+  page.on('pageerror', (error) => problems.push(`${name}: ${error.message}`));
+  page.on('console', (message) => { if (message.type() === 'error') problems.push(`${name}: ${message.text()}`); });
+  await page.goto(base);
+  await page.fill('#username', name);
+  await page.fill('#password', 'correct horse');
+  await page.click('#register-button');
+  await page.waitForSelector('#app:not([hidden])');
+  await page.waitForFunction(() => document.querySelector('#me-name').textContent.length > 0);
+  return { page, problems };
+}
+
+async function shot(page, file) {
+  if (shots) await page.screenshot({ path: `${shots}/${file}` });
+}
+
+try {
+  const alice = await person('alice');
+  const bob = await person('bob');
+
+  // The page carries a strict Content-Security-Policy.
+  const response = await alice.page.request.get(base);
+  const csp = response.headers()['content-security-policy'] ?? '';
+  check(csp.includes("script-src 'self'") && csp.includes("default-src 'none'"), `CSP header: ${csp}`);
+
+  // Alice starts a chat with bob and writes to him.
+  await alice.page.fill('#new-chat-user', 'bob');
+  await alice.page.press('#new-chat-user', 'Enter');
+  await alice.page.fill('#body', 'hello bob');
+  await alice.page.press('#body', 'Enter');
+  await alice.page.waitForSelector('#messages li.mine >> text=hello bob');
+  await alice.page.waitForSelector('#messages li.mine .meta[data-status="sent"], #messages li.mine .meta[data-status="delivered"]');
+
+  // Bob sees the conversation appear with an unread badge, opens it and reads it.
+  await bob.page.waitForSelector('#threads li >> text=alice');
+  await bob.page.waitForSelector('#threads li .badge:text("1")');
+  await shot(bob.page, 'conversation-list.png');
+  await bob.page.click('#threads li >> text=alice');
+  await bob.page.waitForSelector('#messages li >> text=hello bob');
+
+  // Alice sees her message read.
+  await alice.page.waitForSelector('#messages li.mine .meta[data-status="read"]');
+
+  // Bob types: alice sees it.
+  await bob.page.fill('#body', 'typing…');
+  await bob.page.type('#body', ' x');
+  await alice.page.waitForSelector('#typing:not([hidden])');
+  await bob.page.fill('#body', '');
+
+  // A message with markup shows as text and runs nothing.
+  const hostile = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">';
+  await bob.page.fill('#body', hostile);
+  await bob.page.press('#body', 'Enter');
+  const shown = await alice.page.waitForSelector('#messages li:not(.mine) >> text=<script>');
+  const text = await shown.evaluate((node) => node.firstChild.textContent);
+  check(text === hostile, `markup shown as text: ${text}`);
+  check(await alice.page.evaluate(() => window.pwned === undefined), 'no script ran');
+  check(await alice.page.locator('#messages img').count() === 0, 'no element was injected');
+
+  // Shift+Enter is a new line; Enter sends.
+  await alice.page.fill('#body', 'line one');
+  await alice.page.press('#body', 'Shift+Enter');
+  await alice.page.type('#body', 'line two');
+  await alice.page.press('#body', 'Enter');
+  await alice.page.waitForSelector('#messages li.mine >> text=/line one\\nline two/');
+  await shot(alice.page, 'conversation.png');
+
+  // After a reload alice is still logged in and sees the history.
+  await alice.page.reload();
+  await alice.page.waitForSelector('#threads li >> text=bob');
+  await alice.page.click('#threads li >> text=bob');
+  await alice.page.waitForSelector('#messages li >> text=hello bob');
+  await alice.page.waitForSelector('#messages li >> text=<script>');
+
+  // A phone-sized screen shows one pane at a time.
+  await alice.page.setViewportSize({ width: 390, height: 760 });
+  check(await alice.page.isVisible('#chat'), 'the open chat fills a small screen');
+  check(!(await alice.page.isVisible('.sidebar')), 'the list is hidden behind it');
+  await shot(alice.page, 'phone.png');
+
+  const problems = [...alice.problems, ...bob.problems];
+  check(problems.length === 0, `no errors in the pages: ${problems.join('; ')}`);
+  console.log('browser chat: ok');
+} finally {
+  await browser.close();
+}

@@ -1,0 +1,487 @@
+// Pigeon's browser client: one ES module, no build step. It speaks the protocol of
+// docs/protocol.md over one WebSocket (authenticated by a `hello` frame) and the HTTP
+// account endpoints. All text from the network goes into the page as text nodes only.
+
+const TOKEN_KEY = 'pigeon.token';
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  token: localStorage.getItem(TOKEN_KEY),
+  me: null, // {user_id, username}
+  ws: null,
+  connected: false,
+  nextId: 1,
+  waiting: new Map(), // request id -> {resolve, reject}
+  threads: new Map(), // thread_id -> summary (from `threads`)
+  messages: new Map(), // thread_id -> Map(seq -> message)
+  outbox: [], // sends not yet acknowledged: {client_msg_id, thread_id, to, body, failed}
+  current: null, // open thread_id
+  more: new Map(), // thread_id -> older history exists
+  typing: new Map(), // thread_id -> Map(user_id -> expiry timer)
+  lastTypingSent: 0,
+  backoff: 500,
+  totalUnread: 0,
+};
+
+// ---- HTTP account endpoints -------------------------------------------------------
+
+async function api(path, body, token) {
+  const headers = { 'content-type': 'application/json' };
+  if (token) headers.authorization = `Bearer ${token}`;
+  const response = await fetch(path, { method: 'POST', headers, body: JSON.stringify(body ?? {}) });
+  const text = await response.text();
+  const json = text ? JSON.parse(text) : {};
+  if (!response.ok) throw new Error(json.message || `HTTP ${response.status}`);
+  return json;
+}
+
+async function login(register) {
+  const username = $('username').value.trim();
+  const password = $('password').value;
+  $('login-error').textContent = '';
+  try {
+    if (register) await api('/v1/register', { username, password });
+    const session = await api('/v1/login', { username, password, device_name: browserName() });
+    state.token = session.token;
+    localStorage.setItem(TOKEN_KEY, session.token);
+    start();
+  } catch (error) {
+    $('login-error').textContent = error.message;
+  }
+}
+
+function browserName() {
+  const ua = navigator.userAgent;
+  const name = /Firefox\//.test(ua) ? 'Firefox' : /Edg\//.test(ua) ? 'Edge' : /Chrome\//.test(ua) ? 'Chrome' : /Safari\//.test(ua) ? 'Safari' : 'Browser';
+  return `${name} (web)`;
+}
+
+async function logout() {
+  try { await api('/v1/logout', {}, state.token); } catch { /* the token is dropped either way */ }
+  localStorage.removeItem(TOKEN_KEY);
+  location.reload();
+}
+
+// ---- The socket -------------------------------------------------------------------
+
+function connect() {
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  const ws = new WebSocket(`${scheme}://${location.host}/ws`);
+  state.ws = ws;
+  ws.onopen = () => ws.send(JSON.stringify({ type: 'hello', id: 0, token: state.token }));
+  ws.onmessage = (event) => onFrame(JSON.parse(event.data));
+  ws.onclose = (event) => {
+    state.connected = false;
+    for (const { reject } of state.waiting.values()) reject(new Error('disconnected'));
+    state.waiting.clear();
+    if (event.code === 4001) { // the token was refused or revoked
+      localStorage.removeItem(TOKEN_KEY);
+      location.reload();
+      return;
+    }
+    $('banner').hidden = false;
+    setTimeout(connect, state.backoff * (0.5 + Math.random() / 2));
+    state.backoff = Math.min(state.backoff * 2, 10000);
+  };
+}
+
+function request(frame) {
+  return new Promise((resolve, reject) => {
+    if (!state.connected) { reject(new Error('disconnected')); return; }
+    const id = state.nextId++;
+    state.waiting.set(id, { resolve, reject });
+    state.ws.send(JSON.stringify({ ...frame, id }));
+  });
+}
+
+function onFrame(frame) {
+  if (frame.type === 'welcome') return onWelcome(frame);
+  if (frame.id !== undefined && frame.id !== null && state.waiting.has(frame.id)) {
+    const { resolve, reject } = state.waiting.get(frame.id);
+    state.waiting.delete(frame.id);
+    if (frame.type === 'error') reject(Object.assign(new Error(frame.message), { code: frame.code }));
+    else resolve(frame);
+    return;
+  }
+  switch (frame.type) {
+    case 'message': return onMessage(frame);
+    case 'receipt': return onReceipt(frame);
+    case 'typing': return onTyping(frame);
+    case 'presence': return onPresence(frame);
+    case 'user_event': return refreshThreads();
+    default: return undefined;
+  }
+}
+
+async function onWelcome(frame) {
+  state.connected = true;
+  state.backoff = 500;
+  state.me = { user_id: frame.user_id, username: frame.username };
+  $('banner').hidden = true;
+  $('me-name').textContent = frame.username;
+  await refreshThreads();
+  if (state.current) await catchUp(state.current);
+  // Sends queued while offline go out once, in order, with their original ids.
+  for (const pending of [...state.outbox]) if (!pending.failed) await transmit(pending);
+}
+
+// ---- Conversations ----------------------------------------------------------------
+
+async function refreshThreads() {
+  let answer;
+  try { answer = await request({ type: 'threads' }); } catch { return; }
+  state.threads = new Map(answer.threads.map((t) => [t.thread_id, t]));
+  state.totalUnread = answer.total_unread;
+  renderThreads();
+  if (state.current) renderMessages();
+}
+
+function threadName(summary) {
+  if (summary.nickname) return summary.nickname;
+  if (summary.kind === 'direct') return summary.peer ? summary.peer.username : 'direct chat';
+  return summary.group ? summary.group.title : 'group';
+}
+
+function renderThreads() {
+  const list = $('threads');
+  list.replaceChildren();
+  const threads = [...state.threads.values()].sort((a, b) =>
+    (b.pinned - a.pinned) || (b.updated_at - a.updated_at));
+  for (const summary of threads) {
+    if (summary.archived && summary.thread_id !== state.current) continue;
+    const item = document.createElement('li');
+    item.dataset.thread = summary.thread_id;
+    if (summary.thread_id === state.current) item.classList.add('active');
+    const name = document.createElement('span');
+    name.className = 'name';
+    if (summary.kind === 'direct') {
+      const dot = document.createElement('span');
+      dot.className = 'dot';
+      dot.dataset.user = summary.peer?.user_id ?? '';
+      if (summary.online) dot.classList.add('online');
+      name.append(dot);
+    }
+    name.append(threadName(summary) + (summary.pinned ? ' 📌' : '') + (summary.muted ? ' 🔕' : ''));
+    const badge = document.createElement('span');
+    badge.className = 'badge';
+    badge.textContent = summary.unread > 0 && summary.thread_id !== state.current ? String(summary.unread) : '';
+    const preview = document.createElement('span');
+    preview.className = 'preview';
+    preview.textContent = summary.last_message ? summary.last_message.body : '';
+    item.append(name, badge, preview);
+    item.addEventListener('click', () => openThread(summary.thread_id));
+    list.append(item);
+  }
+  document.title = state.totalUnread > 0 ? `(${state.totalUnread}) Pigeon` : 'Pigeon';
+}
+
+async function openThread(threadId) {
+  state.current = threadId;
+  $('app').classList.add('in-chat');
+  $('composer').hidden = false;
+  const summary = state.threads.get(threadId);
+  $('chat-title').textContent = summary ? threadName(summary) : '';
+  renderThreads();
+  if (!state.messages.has(threadId)) await loadOlder(threadId);
+  else await catchUp(threadId);
+  renderMessages(true);
+  markRead();
+  $('body').focus();
+}
+
+function startChat(username) {
+  $('new-chat-error').textContent = '';
+  const existing = [...state.threads.values()].find((t) => t.kind === 'direct' && t.peer?.username === username);
+  if (existing) { openThread(existing.thread_id); return; }
+  // The direct thread is made by the first message; a wrong name is refused then.
+  state.current = null;
+  state.pendingPeer = { username };
+  $('chat-title').textContent = username;
+  $('messages').replaceChildren();
+  $('composer').hidden = false;
+  $('app').classList.add('in-chat');
+  renderThreads();
+  $('body').focus();
+}
+
+// ---- Messages ---------------------------------------------------------------------
+
+function held(threadId) {
+  if (!state.messages.has(threadId)) state.messages.set(threadId, new Map());
+  return state.messages.get(threadId);
+}
+
+function store(message) {
+  held(message.thread_id).set(message.seq, message);
+}
+
+async function loadOlder(threadId) {
+  const messages = held(threadId);
+  const oldest = messages.size ? Math.min(...messages.keys()) : undefined;
+  const page = await request({ type: 'history', thread_id: threadId, before: oldest, limit: 50 });
+  page.messages.forEach(store);
+  state.more.set(threadId, page.more);
+}
+
+/// Fetches what arrived in a thread while this page was not listening.
+async function catchUp(threadId) {
+  const messages = held(threadId);
+  let after = messages.size ? Math.max(...messages.keys()) : 0;
+  for (;;) {
+    const page = await request({ type: 'history', thread_id: threadId, after, limit: 200 });
+    page.messages.forEach(store);
+    if (!page.more || page.messages.length === 0) break;
+    after = page.messages[page.messages.length - 1].seq;
+  }
+  if (threadId === state.current) renderMessages();
+}
+
+function onMessage(message) {
+  store(message);
+  const summary = state.threads.get(message.thread_id);
+  if (!summary) { refreshThreads(); return; }
+  summary.last_message = message;
+  summary.last_seq = Math.max(summary.last_seq, message.seq);
+  summary.updated_at = message.created_at;
+  if (message.thread_id === state.current && document.visibilityState === 'visible') {
+    renderMessages();
+    markRead();
+  } else if (message.sender_id !== state.me.user_id) {
+    summary.unread += 1;
+    if (!summary.muted) state.totalUnread += 1;
+    request({ type: 'mark', thread_id: message.thread_id, seq: message.seq, kind: 'delivered' }).catch(() => {});
+  }
+  renderThreads();
+}
+
+function onReceipt(receipt) {
+  const summary = state.threads.get(receipt.thread_id);
+  if (!summary) return;
+  if (receipt.kind === 'read') summary.peer_read_seq = Math.max(summary.peer_read_seq ?? 0, receipt.seq);
+  summary.peer_delivered_seq = Math.max(summary.peer_delivered_seq ?? 0, receipt.seq);
+  if (receipt.thread_id === state.current) renderMessages();
+}
+
+function onPresence(presence) {
+  for (const summary of state.threads.values()) {
+    if (summary.peer?.user_id === presence.user_id) summary.online = presence.online;
+  }
+  for (const dot of document.querySelectorAll('.dot')) {
+    if (dot.dataset.user === presence.user_id) dot.classList.toggle('online', presence.online);
+  }
+}
+
+function onTyping(event) {
+  const timers = state.typing.get(event.thread_id) ?? new Map();
+  state.typing.set(event.thread_id, timers);
+  clearTimeout(timers.get(event.user_id));
+  if (event.active) {
+    timers.set(event.user_id, setTimeout(() => { timers.delete(event.user_id); renderTyping(); }, event.expires_ms ?? 6000));
+  } else {
+    timers.delete(event.user_id);
+  }
+  renderTyping();
+}
+
+function renderTyping() {
+  const timers = state.typing.get(state.current);
+  const line = $('typing');
+  if (!timers || timers.size === 0) { line.hidden = true; return; }
+  const summary = state.threads.get(state.current);
+  line.textContent = summary?.kind === 'direct' ? `${threadName(summary)} is typing…` : 'Someone is typing…';
+  line.hidden = false;
+}
+
+async function markRead() {
+  const summary = state.threads.get(state.current);
+  if (!summary || document.visibilityState !== 'visible') return;
+  const newest = Math.max(0, ...held(state.current).keys());
+  if (newest > (summary.read_seq ?? 0)) {
+    summary.read_seq = newest;
+    if (!summary.muted) state.totalUnread = Math.max(0, state.totalUnread - summary.unread);
+    summary.unread = 0;
+    renderThreads();
+    await request({ type: 'mark', thread_id: state.current, seq: newest, kind: 'read' }).catch(() => {});
+  }
+}
+
+function statusOf(message, summary) {
+  if (summary?.kind !== 'direct') return 'sent';
+  if ((summary.peer_read_seq ?? 0) >= message.seq) return 'read';
+  if ((summary.peer_delivered_seq ?? 0) >= message.seq) return 'delivered';
+  return 'sent';
+}
+
+function dayOf(ms) {
+  return new Date(ms).toLocaleDateString(undefined, { weekday: 'short', year: 'numeric', month: 'short', day: 'numeric' });
+}
+
+function renderMessages(scrollToEnd = false) {
+  const list = $('messages');
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  list.replaceChildren();
+  const summary = state.threads.get(state.current);
+  const messages = [...held(state.current).values()].sort((a, b) => a.seq - b.seq);
+  let day = null;
+  for (const message of messages) {
+    const thisDay = dayOf(message.created_at);
+    if (thisDay !== day) {
+      day = thisDay;
+      const separator = document.createElement('li');
+      separator.className = 'day';
+      separator.textContent = thisDay;
+      list.append(separator);
+    }
+    const mine = message.sender_id === state.me.user_id;
+    list.append(messageItem(message.kind === 'system' ? describeSystem(message) : message.body, {
+      mine,
+      system: message.kind === 'system',
+      status: mine ? statusOf(message, summary) : null,
+      time: message.created_at,
+    }));
+  }
+  for (const pending of state.outbox) {
+    if (pending.thread_id !== state.current && !(pending.to && state.pendingPeer?.username === pending.to && !state.current)) continue;
+    const item = messageItem(pending.body, { mine: true, status: pending.failed ? 'failed' : 'pending' });
+    if (pending.failed) {
+      const retry = document.createElement('button');
+      retry.className = 'small secondary retry';
+      retry.textContent = 'Retry';
+      retry.addEventListener('click', () => { pending.failed = false; renderMessages(); transmit(pending); });
+      item.append(retry);
+    }
+    list.append(item);
+  }
+  renderTyping();
+  if (scrollToEnd || nearBottom) list.scrollTop = list.scrollHeight;
+}
+
+function messageItem(text, { mine, system, status, time }) {
+  const item = document.createElement('li');
+  if (mine) item.classList.add('mine');
+  if (system) item.classList.add('system');
+  item.append(document.createTextNode(text));
+  const meta = document.createElement('span');
+  meta.className = 'meta';
+  const clock = time ? new Date(time).toLocaleTimeString(undefined, { hour: '2-digit', minute: '2-digit' }) : '';
+  meta.textContent = [clock, status].filter(Boolean).join(' · ');
+  if (status) {
+    meta.dataset.status = status;
+    if (status === 'failed') meta.classList.add('failed');
+  }
+  item.append(meta);
+  return item;
+}
+
+function describeSystem(message) {
+  const event = message.system ?? {};
+  return `${event.event ?? 'group'} changed`;
+}
+
+// ---- Sending ----------------------------------------------------------------------
+
+function send(body) {
+  const pending = { client_msg_id: crypto.randomUUID(), body, failed: false };
+  if (state.current) pending.thread_id = state.current;
+  else if (state.pendingPeer) pending.to = state.pendingPeer.username;
+  else return;
+  state.outbox.push(pending);
+  renderMessages(true);
+  transmit(pending);
+}
+
+async function transmit(pending) {
+  const frame = { type: 'send', client_msg_id: pending.client_msg_id, body: pending.body };
+  if (pending.thread_id) frame.thread_id = pending.thread_id; else frame.to = pending.to;
+  let sent;
+  try {
+    sent = await request(frame);
+  } catch (error) {
+    // Offline or a retryable refusal: it stays queued and goes out after reconnecting.
+    if (error.message !== 'disconnected' && error.code !== 'unavailable' && error.code !== 'rate_limited') {
+      pending.failed = true;
+      if (error.code === 'unknown_user') {
+        state.outbox = state.outbox.filter((p) => p !== pending);
+        $('new-chat-error').textContent = `There is no user ${pending.to}`;
+      }
+      renderMessages();
+    }
+    return;
+  }
+  state.outbox = state.outbox.filter((p) => p !== pending);
+  store({
+    thread_id: sent.thread_id, seq: sent.seq, message_id: sent.message_id, sender_id: state.me.user_id,
+    client_msg_id: sent.client_msg_id, kind: 'text', body: pending.body, created_at: sent.server_time,
+  });
+  if (!state.threads.has(sent.thread_id)) {
+    await refreshThreads();
+    state.pendingPeer = null;
+    if (!state.current || state.current === sent.thread_id) await openThread(sent.thread_id);
+    return;
+  }
+  const summary = state.threads.get(sent.thread_id);
+  summary.last_message = { body: pending.body };
+  summary.updated_at = sent.server_time;
+  summary.read_seq = Math.max(summary.read_seq ?? 0, sent.seq);
+  renderThreads();
+  if (sent.thread_id === state.current) renderMessages(true);
+}
+
+// ---- Wiring -----------------------------------------------------------------------
+
+function start() {
+  $('login').hidden = true;
+  $('app').hidden = false;
+  connect();
+}
+
+function init() {
+  $('login-form').addEventListener('submit', (event) => { event.preventDefault(); login(false); });
+  $('register-button').addEventListener('click', () => {
+    if ($('login-form').reportValidity()) login(true);
+  });
+  $('logout').addEventListener('click', logout);
+  $('back').addEventListener('click', () => { $('app').classList.remove('in-chat'); state.current = null; renderThreads(); });
+  $('new-chat').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const username = $('new-chat-user').value.trim().toLowerCase();
+    if (username) startChat(username);
+    $('new-chat-user').value = '';
+  });
+  const body = $('body');
+  body.addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' && !event.shiftKey) { event.preventDefault(); $('composer').requestSubmit(); }
+  });
+  body.addEventListener('input', () => {
+    const now = Date.now();
+    if (state.current && body.value && now - state.lastTypingSent > 3000) {
+      state.lastTypingSent = now;
+      request({ type: 'typing', thread_id: state.current, active: true }).catch(() => {});
+    }
+  });
+  $('composer').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const text = body.value;
+    if (!text.trim()) return;
+    body.value = '';
+    state.lastTypingSent = 0;
+    send(text);
+  });
+  $('messages').addEventListener('scroll', async () => {
+    const list = $('messages');
+    if (list.scrollTop < 40 && state.current && state.more.get(state.current)) {
+      state.more.set(state.current, false);
+      const before = list.scrollHeight;
+      await loadOlder(state.current);
+      renderMessages();
+      list.scrollTop = list.scrollHeight - before;
+    }
+  });
+  document.addEventListener('visibilitychange', markRead);
+  document.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape') { $('new-chat-error').textContent = ''; $('login-error').textContent = ''; }
+  });
+  if (state.token) start(); else $('login').hidden = false;
+}
+
+init();
