@@ -21,6 +21,8 @@ const state = {
   lastTypingSent: 0,
   backoff: 500,
   totalUnread: 0,
+  names: new Map(), // user_id -> username, for senders in groups
+  online: new Map(), // user_id -> online, for the dots of direct chats
 };
 
 // ---- HTTP account endpoints -------------------------------------------------------
@@ -132,8 +134,18 @@ async function refreshThreads() {
   try { answer = await request({ type: 'threads' }); } catch { return; }
   state.threads = new Map(answer.threads.map((t) => [t.thread_id, t]));
   state.totalUnread = answer.total_unread;
+  for (const summary of state.threads.values()) {
+    if (summary.peer) state.names.set(summary.peer.user_id, summary.peer.username);
+  }
   renderThreads();
   if (state.current) renderMessages();
+  // Presence of the people in direct chats; changes then arrive as events.
+  for (const summary of state.threads.values()) {
+    if (summary.kind !== 'direct' || !summary.peer || state.online.has(summary.peer.user_id)) continue;
+    request({ type: 'presence', user: summary.peer.user_id })
+      .then(onPresence)
+      .catch(() => {});
+  }
 }
 
 function threadName(summary) {
@@ -158,7 +170,7 @@ function renderThreads() {
       const dot = document.createElement('span');
       dot.className = 'dot';
       dot.dataset.user = summary.peer?.user_id ?? '';
-      if (summary.online) dot.classList.add('online');
+      if (state.online.get(summary.peer?.user_id)) dot.classList.add('online');
       name.append(dot);
     }
     name.append(threadName(summary) + (summary.pinned ? ' 📌' : '') + (summary.muted ? ' 🔕' : ''));
@@ -182,6 +194,7 @@ async function openThread(threadId) {
   const summary = state.threads.get(threadId);
   $('chat-title').textContent = summary ? threadName(summary) : '';
   renderThreads();
+  if (summary?.kind === 'group') loadMembers(threadId);
   if (!state.messages.has(threadId)) await loadOlder(threadId);
   else await catchUp(threadId);
   renderMessages(true);
@@ -202,6 +215,32 @@ function startChat(username) {
   $('app').classList.add('in-chat');
   renderThreads();
   $('body').focus();
+}
+
+async function createGroup(title, members) {
+  $('new-chat-error').textContent = '';
+  try {
+    const answer = await request({ type: 'create_group', title, members });
+    await refreshThreads();
+    await openThread(answer.group.thread_id);
+  } catch (error) {
+    $('new-chat-error').textContent = error.message;
+  }
+}
+
+/// Learns the usernames of a group's members, to name the senders.
+async function loadMembers(threadId) {
+  let after;
+  for (let page = 0; page < 10; page += 1) {
+    let answer;
+    try {
+      answer = await request({ type: 'group_members', thread_id: threadId, after, limit: 200 });
+    } catch { return; }
+    for (const member of answer.members) state.names.set(member.user_id, member.username);
+    if (!answer.more || answer.members.length === 0) break;
+    after = answer.members[answer.members.length - 1].user_id;
+  }
+  if (threadId === state.current) renderMessages();
 }
 
 // ---- Messages ---------------------------------------------------------------------
@@ -263,9 +302,7 @@ function onReceipt(receipt) {
 }
 
 function onPresence(presence) {
-  for (const summary of state.threads.values()) {
-    if (summary.peer?.user_id === presence.user_id) summary.online = presence.online;
-  }
+  state.online.set(presence.user_id, presence.online);
   for (const dot of document.querySelectorAll('.dot')) {
     if (dot.dataset.user === presence.user_id) dot.classList.toggle('online', presence.online);
   }
@@ -338,6 +375,8 @@ function renderMessages(scrollToEnd = false) {
       system: message.kind === 'system',
       status: mine ? statusOf(message, summary) : null,
       time: message.created_at,
+      sender: summary?.kind === 'group' && !mine && message.kind !== 'system'
+        ? (state.names.get(message.sender_id) ?? 'someone') : null,
     }));
   }
   for (const pending of state.outbox) {
@@ -356,10 +395,16 @@ function renderMessages(scrollToEnd = false) {
   if (scrollToEnd || nearBottom) list.scrollTop = list.scrollHeight;
 }
 
-function messageItem(text, { mine, system, status, time }) {
+function messageItem(text, { mine, system, status, time, sender }) {
   const item = document.createElement('li');
   if (mine) item.classList.add('mine');
   if (system) item.classList.add('system');
+  if (sender) {
+    const name = document.createElement('span');
+    name.className = 'sender';
+    name.textContent = sender;
+    item.append(name);
+  }
   item.append(document.createTextNode(text));
   const meta = document.createElement('span');
   meta.className = 'meta';
@@ -375,7 +420,15 @@ function messageItem(text, { mine, system, status, time }) {
 
 function describeSystem(message) {
   const event = message.system ?? {};
-  return `${event.event ?? 'group'} changed`;
+  const who = state.names.get(message.sender_id) ?? 'someone';
+  switch (event.event) {
+    case 'created': return `${who} created the group “${event.title ?? ''}”`;
+    case 'members_added': return `${who} added members`;
+    case 'member_removed': return `${who} removed a member`;
+    case 'member_left': return `${who} left`;
+    case 'updated': return `${who} changed the group`;
+    default: return `${who}: ${event.event ?? 'group change'}`;
+  }
 }
 
 // ---- Sending ----------------------------------------------------------------------
@@ -447,6 +500,15 @@ function init() {
     const username = $('new-chat-user').value.trim().toLowerCase();
     if (username) startChat(username);
     $('new-chat-user').value = '';
+  });
+  $('new-group').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const title = $('new-group-title').value.trim();
+    const members = $('new-group-members').value.split(',').map((m) => m.trim().toLowerCase()).filter(Boolean);
+    if (!title) return;
+    createGroup(title, members);
+    $('new-group-title').value = '';
+    $('new-group-members').value = '';
   });
   const body = $('body');
   body.addEventListener('keydown', (event) => {

@@ -1,8 +1,18 @@
-// Two people chat through the browser client in headless Chromium.
+// People chat through the browser client in headless Chromium.
 // Usage: node chat.mjs <server base URL> [screenshot folder]
-// Run by crates/pigeon-cli/tests/it/browser.rs against a real `pigeon serve`.
+// Run by crates/pigeon-cli/tests/it/browser.rs against a real `pigeon serve`. To have
+// the server stopped and started, it prints `STOP` or `START` and waits for a line on
+// stdin saying it is done.
 
+import { createInterface } from 'node:readline';
 import { chromium } from 'playwright-core';
+
+const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+async function server(command) {
+  console.log(command);
+  const answer = await lines.next();
+  if (answer.done || answer.value.trim() !== 'ok') throw new Error(`${command}: no ok from the harness`);
+}
 
 const base = process.argv[2];
 const shots = process.argv[3];
@@ -58,7 +68,6 @@ try {
   // Bob sees the conversation appear with an unread badge, opens it and reads it.
   await bob.page.waitForSelector('#threads li >> text=alice');
   await bob.page.waitForSelector('#threads li .badge:text("1")');
-  await shot(bob.page, 'conversation-list.png');
   await bob.page.click('#threads li >> text=alice');
   await bob.page.waitForSelector('#messages li >> text=hello bob');
 
@@ -96,15 +105,55 @@ try {
   await alice.page.waitForSelector('#messages li >> text=hello bob');
   await alice.page.waitForSelector('#messages li >> text=<script>');
 
+  // A group of three.
+  const carol = await person('carol');
+  await alice.page.fill('#new-group-title', 'trio');
+  await alice.page.fill('#new-group-members', 'bob, carol');
+  await alice.page.press('#new-group-members', 'Enter');
+  await alice.page.waitForSelector('#chat-title:text("trio")');
+  await alice.page.fill('#body', 'hi all');
+  await alice.page.press('#body', 'Enter');
+  for (const member of [bob, carol]) {
+    await member.page.click('#threads li >> text=trio');
+    await member.page.waitForSelector('#messages li >> text=hi all');
+  }
+  await carol.page.fill('#body', 'hi from carol');
+  await carol.page.press('#body', 'Enter');
+  const fromCarol = await alice.page.waitForSelector('#messages li:not(.mine) >> text=hi from carol');
+  check((await fromCarol.textContent()).startsWith('carol'), 'group messages name their sender');
+  await shot(alice.page, 'group.png');
+
+  // The server dies mid-conversation: the page says so, keeps what is typed, and once
+  // the server is back sends it exactly once.
+  await alice.page.click('#threads li >> text=bob');
+  await bob.page.click('#threads li >> text=alice');
+  await server('STOP');
+  await alice.page.waitForSelector('#banner:not([hidden])');
+  await alice.page.fill('#body', 'sent while the server was down');
+  await alice.page.press('#body', 'Enter');
+  await alice.page.waitForSelector('#messages li.mine .meta[data-status="pending"]');
+  await shot(alice.page, 'offline.png');
+  await server('START');
+  await alice.page.waitForSelector('#banner', { state: 'hidden', timeout: 30000 });
+  await alice.page.waitForSelector('#messages li.mine >> text=sent while the server was down');
+  await alice.page.waitForFunction(() => document.querySelectorAll('#messages .meta[data-status="pending"]').length === 0);
+  await bob.page.waitForSelector('#messages li >> text=sent while the server was down', { timeout: 30000 });
+  const copies = await bob.page.locator('#messages li', { hasText: 'sent while the server was down' }).count();
+  check(copies === 1, `the queued message arrived once, not ${copies} times`);
+  check(await bob.page.locator('#messages li', { hasText: 'hello bob' }).count() === 1, 'history kept, once');
+
   // A phone-sized screen shows one pane at a time.
   await alice.page.setViewportSize({ width: 390, height: 760 });
   check(await alice.page.isVisible('#chat'), 'the open chat fills a small screen');
   check(!(await alice.page.isVisible('.sidebar')), 'the list is hidden behind it');
   await shot(alice.page, 'phone.png');
 
-  const problems = [...alice.problems, ...bob.problems];
+  // A lost connection logs a failed WebSocket in the console: expected while stopped.
+  const problems = [...alice.problems, ...bob.problems, ...carol.problems]
+    .filter((p) => !p.includes('WebSocket') && !p.includes('ERR_CONNECTION_REFUSED'));
   check(problems.length === 0, `no errors in the pages: ${problems.join('; ')}`);
   console.log('browser chat: ok');
 } finally {
   await browser.close();
+  process.stdin.destroy();
 }
