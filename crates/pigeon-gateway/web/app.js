@@ -173,7 +173,7 @@ function renderThreads() {
       if (state.online.get(summary.peer?.user_id)) dot.classList.add('online');
       name.append(dot);
     }
-    name.append(threadName(summary) + (summary.pinned ? ' 📌' : '') + (summary.muted ? ' 🔕' : ''));
+    name.append(threadName(summary) + (summary.pinned ? ' · pinned' : '') + (summary.muted ? ' · muted' : ''));
     const badge = document.createElement('span');
     badge.className = 'badge';
     badge.textContent = summary.unread > 0 && summary.thread_id !== state.current ? String(summary.unread) : '';
@@ -193,6 +193,7 @@ async function openThread(threadId) {
   $('composer').hidden = false;
   const summary = state.threads.get(threadId);
   $('chat-title').textContent = summary ? threadName(summary) : '';
+  $('open-details').hidden = !summary;
   renderThreads();
   if (summary?.kind === 'group') loadMembers(threadId);
   if (!state.messages.has(threadId)) await loadOlder(threadId);
@@ -278,7 +279,9 @@ async function catchUp(threadId) {
 function onMessage(message) {
   store(message);
   const summary = state.threads.get(message.thread_id);
-  if (!summary) { refreshThreads(); return; }
+  // A new conversation, or a group change (title, members): the list is read again.
+  if (!summary || message.kind === 'system') { refreshThreads(); }
+  if (!summary) return;
   summary.last_message = message;
   summary.last_seq = Math.max(summary.last_seq, message.seq);
   summary.updated_at = message.created_at;
@@ -373,7 +376,7 @@ function renderMessages(scrollToEnd = false) {
     list.append(messageItem(message.kind === 'system' ? describeSystem(message) : message.body, {
       mine,
       system: message.kind === 'system',
-      status: mine ? statusOf(message, summary) : null,
+      status: mine && message.kind !== 'system' ? statusOf(message, summary) : null,
       time: message.created_at,
       sender: summary?.kind === 'group' && !mine && message.kind !== 'system'
         ? (state.names.get(message.sender_id) ?? 'someone') : null,
@@ -480,6 +483,145 @@ async function transmit(pending) {
   if (sent.thread_id === state.current) renderMessages(true);
 }
 
+// ---- Dialogs: a conversation's details, people and devices -----------------------
+
+function button(label, onClick) {
+  const b = document.createElement('button');
+  b.type = 'button';
+  b.className = 'small secondary';
+  b.textContent = label;
+  b.addEventListener('click', onClick);
+  return b;
+}
+
+function row(text, ...buttons) {
+  const item = document.createElement('li');
+  const label = document.createElement('span');
+  label.textContent = text;
+  const actions = document.createElement('span');
+  actions.append(...buttons);
+  item.append(label, actions);
+  return item;
+}
+
+/// Runs a request from a dialog, showing its error there; refreshes what it changed.
+async function act(errorId, frame, after) {
+  $(errorId).textContent = '';
+  try {
+    await request(frame);
+    await after?.();
+  } catch (error) {
+    $(errorId).textContent = error.message;
+  }
+}
+
+async function renderDetails() {
+  const summary = state.threads.get(state.current);
+  if (!summary) return;
+  $('details-title').textContent = threadName(summary);
+  const setting = (key, on, off) => {
+    const b = $(`toggle-${key === 'muted' ? 'mute' : key === 'pinned' ? 'pin' : 'archive'}`);
+    b.textContent = summary[key] ? off : on;
+    b.onclick = () => act('details-error',
+      { type: 'thread_settings', thread_id: summary.thread_id, [key]: !summary[key] },
+      async () => { await refreshThreads(); renderDetails(); });
+  };
+  setting('muted', 'Mute', 'Unmute');
+  setting('pinned', 'Pin', 'Unpin');
+  setting('archived', 'Archive', 'Unarchive');
+  const group = summary.kind === 'group';
+  $('group-controls').hidden = !group;
+  if (!group) return;
+  const list = $('members');
+  list.replaceChildren();
+  try {
+    const answer = await request({ type: 'group_members', thread_id: summary.thread_id, limit: 200 });
+    for (const member of answer.members) {
+      state.names.set(member.user_id, member.username);
+      const remove = member.user_id === state.me.user_id ? [] : [button('Remove', () => act('details-error',
+        { type: 'remove_member', thread_id: summary.thread_id, user: member.user_id }, renderDetails))];
+      list.append(row(`${member.username} (${member.role})`, ...remove));
+    }
+  } catch (error) {
+    $('details-error').textContent = error.message;
+  }
+}
+
+async function renderPeople() {
+  $('people-error').textContent = '';
+  const contacts = $('contacts');
+  const devices = $('devices');
+  try {
+    const [book, mine] = await Promise.all([request({ type: 'contacts' }), request({ type: 'devices' })]);
+    contacts.replaceChildren();
+    for (const contact of book.contacts) {
+      const act2 = (action) => button(action[0].toUpperCase() + action.slice(1), () => act('people-error',
+        { type: 'contact', user: contact.user_id, action }, renderPeople));
+      const buttons = [];
+      if (contact.state === 'incoming') buttons.push(act2('accept'), act2('decline'));
+      if (contact.state === 'requested') buttons.push(act2('cancel'));
+      if (contact.state === 'friend') buttons.push(act2('remove'));
+      buttons.push(contact.blocked ? act2('unblock') : act2('block'));
+      const what = contact.blocked ? 'blocked' : (contact.state ?? '');
+      const online = contact.state === 'friend' ? (contact.online ? ' · online' : '') : '';
+      contacts.append(row(`${contact.username} — ${what}${online}`, ...buttons));
+    }
+    devices.replaceChildren();
+    for (const device of mine.devices) {
+      const revoke = device.current ? [] : [button('Revoke', () => act('people-error',
+        { type: 'revoke_device', device_id: device.device_id }, renderPeople))];
+      devices.append(row(`${device.name}${device.current ? ' (this one)' : ''}`, ...revoke));
+    }
+  } catch (error) {
+    $('people-error').textContent = error.message;
+  }
+}
+
+function initDialogs() {
+  $('open-details').addEventListener('click', () => { $('details').showModal(); renderDetails(); });
+  $('open-people').addEventListener('click', () => { $('people').showModal(); renderPeople(); });
+  $('rename').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const title = $('rename-title').value.trim();
+    if (!title) return;
+    act('details-error', { type: 'update_group', thread_id: state.current, title }, async () => {
+      $('rename-title').value = '';
+      await refreshThreads();
+      $('chat-title').textContent = threadName(state.threads.get(state.current));
+      renderDetails();
+    });
+  });
+  $('add-member').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const user = $('add-member-user').value.trim().toLowerCase();
+    if (!user) return;
+    act('details-error', { type: 'add_members', thread_id: state.current, members: [user] }, async () => {
+      $('add-member-user').value = '';
+      renderDetails();
+    });
+  });
+  $('leave').addEventListener('click', () => act('details-error',
+    { type: 'leave_group', thread_id: state.current }, async () => {
+      $('details').close();
+      state.messages.delete(state.current);
+      state.current = null;
+      $('composer').hidden = true;
+      $('open-details').hidden = true;
+      $('messages').replaceChildren();
+      $('chat-title').textContent = 'Pick a conversation';
+      await refreshThreads();
+    }));
+  $('add-contact').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const user = $('add-contact-user').value.trim().toLowerCase();
+    if (!user) return;
+    act('people-error', { type: 'contact', user, action: 'request' }, async () => {
+      $('add-contact-user').value = '';
+      renderPeople();
+    });
+  });
+}
+
 // ---- Wiring -----------------------------------------------------------------------
 
 function start() {
@@ -489,6 +631,7 @@ function start() {
 }
 
 function init() {
+  initDialogs();
   $('login-form').addEventListener('submit', (event) => { event.preventDefault(); login(false); });
   $('register-button').addEventListener('click', () => {
     if ($('login-form').reportValidity()) login(true);

@@ -123,6 +123,31 @@ try {
   check((await fromCarol.textContent()).startsWith('carol'), 'group messages name their sender');
   await shot(alice.page, 'group.png');
 
+  // The group's details: rename it (the others see the new title), mute it.
+  await alice.page.click('#open-details');
+  await alice.page.waitForSelector('#members li >> text=carol');
+  await alice.page.fill('#rename-title', 'trio two');
+  await alice.page.press('#rename-title', 'Enter');
+  await bob.page.waitForSelector('#threads li >> text=trio two');
+  await alice.page.click('#toggle-mute');
+  await alice.page.waitForSelector('#toggle-mute:text("Unmute")');
+  await alice.page.keyboard.press('Escape');
+  await alice.page.waitForSelector('#details', { state: 'hidden' });
+  await alice.page.waitForSelector('#threads li >> text=trio two · muted');
+
+  // Contacts: bob asks alice to be friends, she accepts; she sees her own device.
+  await bob.page.click('#open-people');
+  await bob.page.fill('#add-contact-user', 'alice');
+  await bob.page.press('#add-contact-user', 'Enter');
+  await bob.page.waitForSelector('#contacts li >> text=alice — requested');
+  await bob.page.keyboard.press('Escape');
+  await alice.page.click('#open-people');
+  await alice.page.waitForSelector('#devices li >> text=(this one)');
+  await alice.page.click('#contacts li:has-text("bob") button:text("Accept")');
+  await alice.page.waitForSelector('#contacts li >> text=bob — friend');
+  await shot(alice.page, 'people.png');
+  await alice.page.keyboard.press('Escape');
+
   // The server dies mid-conversation: the page says so, keeps what is typed, and once
   // the server is back sends it exactly once.
   await alice.page.click('#threads li >> text=bob');
