@@ -68,6 +68,8 @@ try {
   // Bob sees the conversation appear with an unread badge, opens it and reads it.
   await bob.page.waitForSelector('#threads li >> text=alice');
   await bob.page.waitForSelector('#threads li .badge:text("1")');
+  check(await bob.page.title() === '(1) Pigeon', `unread total in the tab title: ${await bob.page.title()}`);
+  await bob.page.waitForSelector('#threads li .dot.online', { timeout: TIMEOUT });
   await bob.page.click('#threads li >> text=alice');
   await bob.page.waitForSelector('#messages li >> text=hello bob');
 
@@ -174,6 +176,12 @@ try {
   await shot(alice.page, 'phone.png');
 
   // A lost connection logs a failed WebSocket in the console: expected while stopped.
+  // Logging out ends the session: the login form comes back, also after a reload.
+  await carol.page.click('#logout');
+  await carol.page.waitForSelector('#login:not([hidden])');
+  await carol.page.reload();
+  await carol.page.waitForSelector('#login:not([hidden])');
+
   const problems = [...alice.problems, ...bob.problems, ...carol.problems]
     .filter((p) => !p.includes('WebSocket') && !p.includes('ERR_CONNECTION_REFUSED'));
   check(problems.length === 0, `no errors in the pages: ${problems.join('; ')}`);
