@@ -157,10 +157,18 @@ function threadName(summary) {
 function renderThreads() {
   const list = $('threads');
   list.replaceChildren();
+  // Pinned first, then most recent; archived ones last, under their own heading.
   const threads = [...state.threads.values()].sort((a, b) =>
-    (b.pinned - a.pinned) || (b.updated_at - a.updated_at));
+    (a.archived - b.archived) || (b.pinned - a.pinned) || (b.updated_at - a.updated_at));
+  let archivedShown = false;
   for (const summary of threads) {
-    if (summary.archived && summary.thread_id !== state.current) continue;
+    if (summary.archived && !archivedShown) {
+      archivedShown = true;
+      const heading = document.createElement('li');
+      heading.className = 'heading';
+      heading.textContent = 'Archived';
+      list.append(heading);
+    }
     const item = document.createElement('li');
     item.dataset.thread = summary.thread_id;
     if (summary.thread_id === state.current) item.classList.add('active');

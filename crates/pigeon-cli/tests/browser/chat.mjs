@@ -136,6 +136,15 @@ try {
   await alice.page.keyboard.press('Escape');
   await alice.page.waitForSelector('#details', { state: 'hidden' });
   await alice.page.waitForSelector('#threads li >> text=trio two · muted');
+  // Archived chats move under their own heading, and come back.
+  await alice.page.click('#open-details');
+  await alice.page.click('#toggle-archive');
+  await alice.page.waitForSelector('#toggle-archive:text("Unarchive")');
+  await alice.page.waitForSelector('#threads li.heading:text("Archived") ~ li >> text=trio two');
+  await alice.page.click('#toggle-archive');
+  await alice.page.waitForSelector('#toggle-archive:text-is("Archive")');
+  await alice.page.keyboard.press('Escape');
+  check(await alice.page.locator('#threads li.heading').count() === 0, 'nothing archived any more');
 
   // Contacts: bob asks alice to be friends, she accepts; she sees her own device.
   await bob.page.click('#open-people');
