@@ -23,6 +23,7 @@ const state = {
   totalUnread: 0,
   names: new Map(), // user_id -> username, for senders in groups
   online: new Map(), // user_id -> online, for the dots of direct chats
+  receipts: new Map(), // group thread_id -> Map(user_id -> {read, delivered}) seen live
 };
 
 // ---- HTTP account endpoints -------------------------------------------------------
@@ -307,6 +308,12 @@ function onMessage(message) {
 function onReceipt(receipt) {
   const summary = state.threads.get(receipt.thread_id);
   if (!summary) return;
+  const members = state.receipts.get(receipt.thread_id) ?? new Map();
+  state.receipts.set(receipt.thread_id, members);
+  const marks = members.get(receipt.user_id) ?? { read: 0, delivered: 0 };
+  if (receipt.kind === 'read') marks.read = Math.max(marks.read, receipt.seq);
+  marks.delivered = Math.max(marks.delivered, receipt.seq);
+  members.set(receipt.user_id, marks);
   if (receipt.kind === 'read') summary.peer_read_seq = Math.max(summary.peer_read_seq ?? 0, receipt.seq);
   summary.peer_delivered_seq = Math.max(summary.peer_delivered_seq ?? 0, receipt.seq);
   if (receipt.thread_id === state.current) renderMessages();
@@ -354,6 +361,15 @@ async function markRead() {
 }
 
 function statusOf(message, summary) {
+  if (summary?.kind === 'group') {
+    // Read (delivered) once every other member's receipt says so; groups over 256
+    // members send no receipts, so their messages stay "sent".
+    const others = (summary.group?.member_count ?? 1) - 1;
+    const marks = [...(state.receipts.get(summary.thread_id)?.values() ?? [])];
+    if (others > 0 && marks.filter((m) => m.read >= message.seq).length >= others) return 'read';
+    if (others > 0 && marks.filter((m) => m.delivered >= message.seq).length >= others) return 'delivered';
+    return 'sent';
+  }
   if (summary?.kind !== 'direct') return 'sent';
   if ((summary.peer_read_seq ?? 0) >= message.seq) return 'read';
   if ((summary.peer_delivered_seq ?? 0) >= message.seq) return 'delivered';

@@ -123,10 +123,18 @@ try {
   await carol.page.press('#body', 'Enter');
   const fromCarol = await alice.page.waitForSelector('#messages li:not(.mine) >> text=hi from carol');
   check((await fromCarol.textContent()).startsWith('carol'), 'group messages name their sender');
+  // Both others have the group open: alice's message is read by all.
+  await alice.page.waitForSelector('#messages li.mine:has-text("hi all") .meta[data-status="read"]');
   await shot(alice.page, 'group.png');
 
   // The group's details: rename it (the others see the new title), mute it.
   await alice.page.click('#open-details');
+  await alice.page.waitForSelector('#members li >> text=carol');
+  // Remove carol and add her back.
+  await alice.page.click('#members li:has-text("carol") button:text("Remove")');
+  await alice.page.waitForFunction(() => ![...document.querySelectorAll('#members li')].some((li) => li.textContent.includes('carol')));
+  await alice.page.fill('#add-member-user', 'carol');
+  await alice.page.press('#add-member-user', 'Enter');
   await alice.page.waitForSelector('#members li >> text=carol');
   await alice.page.fill('#rename-title', 'trio two');
   await alice.page.press('#rename-title', 'Enter');
@@ -159,6 +167,14 @@ try {
   await shot(alice.page, 'people.png');
   await alice.page.keyboard.press('Escape');
 
+  // Carol leaves the group: it is gone from her list.
+  await carol.page.waitForSelector('#threads li >> text=trio two');
+  await carol.page.click('#threads li >> text=trio two');
+  await carol.page.click('#open-details');
+  await carol.page.click('#leave');
+  await carol.page.waitForSelector('#details', { state: 'hidden' });
+  await carol.page.waitForFunction(() => ![...document.querySelectorAll('#threads li')].some((li) => li.textContent.includes('trio')));
+
   // The server dies mid-conversation: the page says so, keeps what is typed, and once
   // the server is back sends it exactly once.
   await alice.page.click('#threads li >> text=bob');
@@ -177,6 +193,35 @@ try {
   const copies = await bob.page.locator('#messages li', { hasText: 'sent while the server was down' }).count();
   check(copies === 1, `the queued message arrived once, not ${copies} times`);
   check(await bob.page.locator('#messages li', { hasText: 'hello bob' }).count() === 1, 'history kept, once');
+
+  // Alice blocks bob: his next message fails, with a retry; once unblocked, the retry
+  // delivers it.
+  await alice.page.click('#open-people');
+  await alice.page.click('#contacts li:has-text("bob") button:text("Block")');
+  await alice.page.waitForSelector('#contacts li >> text=bob — blocked');
+  await bob.page.fill('#body', 'are you there?');
+  await bob.page.press('#body', 'Enter');
+  await bob.page.waitForSelector('#messages li.mine .meta[data-status="failed"]');
+  await alice.page.click('#contacts li:has-text("bob") button:text("Unblock")');
+  await alice.page.waitForSelector('#contacts li:has-text("bob") button:text("Block")');
+  await alice.page.keyboard.press('Escape');
+  await bob.page.click('#messages button.retry');
+  await alice.page.waitForSelector('#messages li:not(.mine) >> text=are you there?');
+  check(await bob.page.locator('#messages .meta[data-status="failed"]').count() === 0, 'the retry went through');
+
+  // Alice revokes a second device of hers: that page is logged out.
+  const second = await browser.newContext();
+  const other = await second.newPage();
+  other.setDefaultTimeout(TIMEOUT);
+  await other.goto(base);
+  await other.fill('#username', 'alice');
+  await other.fill('#password', 'correct horse');
+  await other.click('#login-button');
+  await other.waitForSelector('#app:not([hidden])');
+  await alice.page.click('#open-people');
+  await alice.page.click('#devices li:not(:has-text("this one")) button:text("Revoke")');
+  await other.waitForSelector('#login:not([hidden])');
+  await alice.page.keyboard.press('Escape');
 
   // A phone-sized screen shows one pane at a time.
   await alice.page.setViewportSize({ width: 390, height: 760 });
