@@ -87,12 +87,15 @@ pub(super) async fn contact_action(
         return Err(StoreError::Forbidden("that is you").into());
     }
     let pair = [*owner.as_uuid(), *peer.as_uuid()];
-    let (users, mine, theirs) = futures::future::try_join3(
-        query(
-            tx,
-            "SELECT id, username FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-            &[&&pair[..]],
-        ),
+    // One after the other: a statement cached on this connection would otherwise be
+    // sent before an earlier one still being prepared, and run first.
+    let users = query(
+        tx,
+        "SELECT id, username FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        &[&&pair[..]],
+    )
+    .await?;
+    let (mine, theirs) = futures::future::try_join(
         query_opt(tx, READ_SIDE, &[owner.as_uuid(), peer.as_uuid()]),
         query_opt(tx, READ_SIDE, &[peer.as_uuid(), owner.as_uuid()]),
     )
@@ -148,12 +151,15 @@ pub(super) async fn set_alias(
     alias: Option<&str>,
 ) -> PgResult<ContactChanged> {
     // The owner's row lock orders this against contact actions touching the same side.
-    let (_, peer_row, mine) = futures::future::try_join3(
-        query_opt(
-            tx,
-            "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE",
-            &[owner.as_uuid()],
-        ),
+    // One after the other: a statement cached on this connection would otherwise be
+    // sent before an earlier one still being prepared, and run first.
+    query_opt(
+        tx,
+        "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE",
+        &[owner.as_uuid()],
+    )
+    .await?;
+    let (peer_row, mine) = futures::future::try_join(
         query_opt(
             tx,
             "SELECT username FROM users WHERE id = $1",

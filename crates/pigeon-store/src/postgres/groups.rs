@@ -48,30 +48,31 @@ pub(super) async fn create_group(
     let hash = participants_hash(&all);
     let hash: &[u8] = &hash;
     let ids = uuids(&all);
-    futures::future::try_join(
-        execute(
-            tx,
-            "INSERT INTO threads (id, kind, title, topic, avatar, share_history, participants_hash,
+    // One after the other: a statement cached on this connection would otherwise be
+    // sent before an earlier one still being prepared, and run first.
+    execute(
+        tx,
+        "INSERT INTO threads (id, kind, title, topic, avatar, share_history, participants_hash,
                                   member_count, members_version, created_at, updated_at)
              VALUES ($1, 'group', $2, $3, $4, $5, $6, $7, 1, $8, $8)",
-            &[
-                thread_id.as_uuid(),
-                &group.title,
-                &group.topic,
-                &group.avatar,
-                &group.share_history,
-                &hash,
-                &count,
-                &now,
-            ],
-        ),
-        execute(
-            tx,
-            "INSERT INTO members (thread_id, user_id, role, joined_seq, joined_at)
+        &[
+            thread_id.as_uuid(),
+            &group.title,
+            &group.topic,
+            &group.avatar,
+            &group.share_history,
+            &hash,
+            &count,
+            &now,
+        ],
+    )
+    .await?;
+    execute(
+        tx,
+        "INSERT INTO members (thread_id, user_id, role, joined_seq, joined_at)
              SELECT $1, user_id, CASE WHEN user_id = $2 THEN 'owner' ELSE 'member' END, 0, $3
              FROM unnest($4::uuid[]) AS user_id",
-            &[thread_id.as_uuid(), creator.user_id.as_uuid(), &now, &ids],
-        ),
+        &[thread_id.as_uuid(), creator.user_id.as_uuid(), &now, &ids],
     )
     .await?;
     let user_events = append_user_events(
@@ -112,8 +113,10 @@ struct Locked {
 }
 
 async fn lock_group(tx: &Transaction<'_>, thread_id: ThreadId, actor: UserId) -> PgResult<Locked> {
-    let (_, head, role) = futures::future::try_join3(
-        query_opt(tx, LOCK_THREAD, &[thread_id.as_uuid()]),
+    // One after the other: a statement cached on this connection would otherwise be
+    // sent before an earlier one still being prepared, and run first.
+    query_opt(tx, LOCK_THREAD, &[thread_id.as_uuid()]).await?;
+    let (head, role) = futures::future::try_join(
         query_opt(
             tx,
             "SELECT title, topic, avatar, share_history, member_count, closed, kind, last_seq,
@@ -374,13 +377,15 @@ async fn check_new_members(
     limits: GroupLimits,
 ) -> PgResult<()> {
     let ids = uuids(users);
-    let (_, rows) = futures::future::try_join(
-        query(
-            tx,
-            "SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-            &[&ids],
-        ),
-        query(
+    // One after the other: a statement cached on this connection would otherwise be
+    // sent before an earlier one still being prepared, and run first.
+    query(
+        tx,
+        "SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        &[&ids],
+    )
+    .await?;
+    let rows = query(
             tx,
             "SELECT u.id,
                     EXISTS (SELECT 1 FROM contacts c WHERE c.owner_id = u.id AND c.peer_id = $2 AND c.blocked),
@@ -388,8 +393,7 @@ async fn check_new_members(
                      WHERE m.user_id = u.id AND t.kind = 'group')
              FROM users u WHERE u.id = ANY($1)",
             &[&ids, actor.as_uuid()],
-        ),
-    ).await?;
+        ).await?;
     let mut found = HashMap::with_capacity(rows.len());
     for row in &rows {
         let id: Uuid = row.try_get(0)?;

@@ -29,8 +29,10 @@ pub(super) async fn append(
     let sender = msg.sender_id.as_uuid();
     // The head is read by a statement that starts once the lock is held, so it sees every
     // change committed before (a statement that waited for the lock would not).
-    let (_, head, existing) = futures::future::try_join3(
-        query_opt(tx, LOCK_THREAD, &[thread_id]),
+    // One after the other: a statement cached on this connection would otherwise be
+    // sent before an earlier one still being prepared, and run first.
+    query_opt(tx, LOCK_THREAD, &[thread_id]).await?;
+    let (head, existing) = futures::future::try_join(
         query_opt(
             tx,
             "SELECT t.kind, t.closed, t.last_seq, t.members_version,

@@ -1,9 +1,13 @@
 //! Running cached statements on a pooled connection or a transaction, and decoding rows.
 //!
 //! Each helper prepares its statement through the connection's statement cache (one round
-//! trip the first time, none after). Several helpers joined with `try_join!` on one
-//! connection are pipelined: tokio-postgres sends each statement when its future is first
-//! polled, in the order written, and the server runs them in that order.
+//! trip the first time, none after). Several helpers joined with `try_join` on one
+//! connection are pipelined, but their order is **not** guaranteed: a statement already
+//! cached is sent at once, ahead of an earlier one still being prepared. Statements that
+//! must run in order (a lock before the reads it protects, a row before the rows that
+//! reference it) are therefore awaited one after the other; only independent ones are
+//! joined. (A suite test once failed on exactly that: a foreign key row inserted before
+//! its parent.)
 
 use deadpool_postgres::GenericClient;
 use pigeon_proto::{DeviceId, Message, MessageId, ThreadId, UserId};

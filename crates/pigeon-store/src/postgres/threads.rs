@@ -35,13 +35,15 @@ pub(super) async fn get_or_create_direct_thread(
                 let members = if low == high { vec![low] } else { vec![low, high] };
                 let count = i32::try_from(members.len()).unwrap_or(2);
                 let members = uuids(&members);
-                let (_, claimed, _) = futures::future::try_join3(
-                    execute(
+                // One after the other: a statement cached on this connection would otherwise be
+                // sent before an earlier one still being prepared, and run first.
+                execute(
                         tx,
                         "INSERT INTO threads (id, kind, member_count, members_version, created_at, updated_at)
                          VALUES ($1, 'direct', $2, 1, $3, $3)",
                         &[id.as_uuid(), &count, &now],
-                    ),
+                    ).await?;
+                let (claimed, _) = futures::future::try_join(
                     execute(
                         tx,
                         "INSERT INTO direct_threads (user_low, user_high, thread_id) VALUES ($1, $2, $3)

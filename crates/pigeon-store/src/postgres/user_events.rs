@@ -22,18 +22,19 @@ pub(super) async fn append_user_events(
     }
     let users: Vec<UserId> = events.iter().map(|(user, _)| *user).collect();
     let ids = uuids(&users);
-    let (_, rows) = futures::future::try_join(
-        query(
-            tx,
-            "SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-            &[&ids],
-        ),
-        query(
-            tx,
-            "UPDATE users SET last_event_seq = last_event_seq + 1 WHERE id = ANY($1)
+    // One after the other: a statement cached on this connection would otherwise be
+    // sent before an earlier one still being prepared, and run first.
+    query(
+        tx,
+        "SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        &[&ids],
+    )
+    .await?;
+    let rows = query(
+        tx,
+        "UPDATE users SET last_event_seq = last_event_seq + 1 WHERE id = ANY($1)
              RETURNING id, last_event_seq",
-            &[&ids],
-        ),
+        &[&ids],
     )
     .await?;
     let mut seqs = std::collections::HashMap::with_capacity(rows.len());
