@@ -100,12 +100,43 @@ try {
   await alice.page.waitForSelector('#messages li.mine >> text=/line one\\nline two/');
   await shot(alice.page, 'conversation.png');
 
+  // Pinning shows in the list; day separators head the history.
+  await alice.page.click('#open-details');
+  await alice.page.click('#toggle-pin');
+  await alice.page.waitForSelector('#toggle-pin:text("Unpin")');
+  await alice.page.keyboard.press('Escape');
+  await alice.page.waitForSelector('#threads li >> text=bob · pinned');
+  check(await alice.page.locator('#messages li.day').count() >= 1, 'a day separator');
+
+  // Sixty more messages (sent over HTTP with alice's token): bob's page shows the newest
+  // fifty and loads the older ones when he scrolls up.
+  const token = await alice.page.evaluate(() => localStorage.getItem('pigeon.token'));
+  const threadId = await alice.page.evaluate(() => document.querySelector('#threads li.active').dataset.thread);
+  for (let n = 0; n < 60; n += 1) {
+    const sent = await fetch(`${base}/v1/rpc`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
+      body: JSON.stringify({ type: 'send', id: n, thread_id: threadId, client_msg_id: `bulk-${n}`, body: `bulk ${n}` }),
+    });
+    check(sent.ok, `rpc send ${n}: ${sent.status}`);
+  }
+  await bob.page.reload();
+  await bob.page.click('#threads li >> text=alice');
+  await bob.page.waitForSelector('#messages li >> text=bulk 59');
+  check(await bob.page.locator('#messages li', { hasText: 'hello bob' }).count() === 0, 'the oldest are not loaded yet');
+  // Scroll to the top (again, if a render moved it) until the older page is in.
+  await bob.page.waitForFunction(() => {
+    const list = document.querySelector('#messages');
+    list.scrollTop = 0;
+    return [...list.children].some((li) => li.textContent.startsWith('hello bob'));
+  }, null, { polling: 300 });
+
   // After a reload alice is still logged in and sees the history.
   await alice.page.reload();
   await alice.page.waitForSelector('#threads li >> text=bob');
   await alice.page.click('#threads li >> text=bob');
-  await alice.page.waitForSelector('#messages li >> text=hello bob');
-  await alice.page.waitForSelector('#messages li >> text=<script>');
+  await alice.page.waitForSelector('#messages li >> text=bulk 59');
+  await alice.page.waitForSelector('#messages li >> text=bulk 10');
 
   // A group of three.
   const carol = await person('carol');
