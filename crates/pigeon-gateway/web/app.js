@@ -290,7 +290,13 @@ function onMessage(message) {
   const summary = state.threads.get(message.thread_id);
   // A new conversation, or a group change (title, members): the list is read again.
   if (!summary || message.kind === 'system') { refreshThreads(); }
-  if (!summary) return;
+  if (!summary) {
+    // Received, not yet seen: the sender learns it was delivered.
+    if (message.sender_id !== state.me.user_id) {
+      request({ type: 'mark', thread_id: message.thread_id, seq: message.seq, kind: 'delivered' }).catch(() => {});
+    }
+    return;
+  }
   summary.last_message = message;
   summary.last_seq = Math.max(summary.last_seq, message.seq);
   summary.updated_at = message.created_at;

@@ -65,6 +65,9 @@ try {
   await alice.page.waitForSelector('#messages li.mine >> text=hello bob');
   await alice.page.waitForSelector('#messages li.mine .meta[data-status="sent"], #messages li.mine .meta[data-status="delivered"]');
 
+  // Bob's page has it but he has not opened it: delivered, not read.
+  await alice.page.waitForSelector('#messages li.mine .meta[data-status="delivered"]');
+
   // Bob sees the conversation appear with an unread badge, opens it and reads it.
   await bob.page.waitForSelector('#threads li >> text=alice');
   await bob.page.waitForSelector('#threads li .badge:text("1")');
