@@ -98,9 +98,12 @@ async fn client_at(base: &str, name: &str) -> (Client, Events) {
     Client::connect(config).unwrap()
 }
 
+/// Messages received, per thread in arrival order, as (seq, body).
+type Received = BTreeMap<ThreadId, Vec<(u64, String)>>;
+
 /// Collects text messages until `count` have arrived, per thread in arrival order; system
 /// messages are checked for order too but not counted.
-async fn collect(mut events: Events, count: usize) -> BTreeMap<ThreadId, Vec<(u64, String)>> {
+async fn collect(mut events: Events, count: usize) -> Received {
     let mut threads: BTreeMap<ThreadId, Vec<(u64, String)>> = BTreeMap::new();
     let mut texts = 0;
     while texts < count {
@@ -273,57 +276,104 @@ async fn concurrent_senders_on_three_nodes_share_one_gap_free_sequence() {
     );
 }
 
-/// Sends `per_client` messages each way between two clients, counting acks.
-fn burst(
-    a: (&Client, &'static str),
-    b: (&Client, &'static str),
+/// Messages sent each way between two clients at once, as fast as acks come back, while
+/// both clients collect what they receive.
+struct Burst {
     per_client: usize,
-    acked: &Arc<AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<Vec<u64>>> {
-    [(a.0, a.1, b.1), (b.0, b.1, a.1)]
-        .into_iter()
-        .map(|(client, from, to)| {
-            let client = client.clone();
-            let acked = acked.clone();
-            tokio::spawn(async move {
-                futures::stream::iter(0..per_client)
-                    .map(|n| {
-                        let client = client.clone();
-                        let acked = acked.clone();
-                        async move {
-                            let sent = client
-                                .send_text(Target::User(to.into()), format!("{from} {n}"))
-                                .await
-                                .unwrap();
-                            acked.fetch_add(1, Ordering::Relaxed);
-                            sent.seq
-                        }
-                    })
-                    .buffer_unordered(32)
-                    .collect::<Vec<u64>>()
-                    .await
-            })
-        })
-        .collect()
+    acked: Arc<AtomicUsize>,
+    sends: Vec<tokio::task::JoinHandle<Vec<u64>>>,
+    seen: Vec<(&'static str, tokio::task::JoinHandle<Received>)>,
 }
 
-/// Waits for every send of a burst; asserts seqs 1..=total, once each.
-async fn assert_burst_acked(sends: Vec<tokio::task::JoinHandle<Vec<u64>>>, total: usize) {
-    let mut seqs = tokio::time::timeout(Duration::from_secs(120), async {
-        let mut all = Vec::new();
-        for send in sends {
-            all.extend(send.await.unwrap());
+impl Burst {
+    fn start(
+        a: (&Client, Events, &'static str),
+        b: (&Client, Events, &'static str),
+        per_client: usize,
+    ) -> Self {
+        let total = 2 * per_client;
+        let acked = Arc::new(AtomicUsize::new(0));
+        let (a_client, a_events, a_name) = a;
+        let (b_client, b_events, b_name) = b;
+        let seen = vec![
+            (a_name, tokio::spawn(collect(a_events, total))),
+            (b_name, tokio::spawn(collect(b_events, total))),
+        ];
+        let sends = [(a_client, a_name, b_name), (b_client, b_name, a_name)]
+            .into_iter()
+            .map(|(client, from, to)| {
+                let client = client.clone();
+                let acked = acked.clone();
+                tokio::spawn(async move {
+                    futures::stream::iter(0..per_client)
+                        .map(|n| {
+                            let client = client.clone();
+                            let acked = acked.clone();
+                            async move {
+                                let sent = client
+                                    .send_text(Target::User(to.into()), format!("{from} {n}"))
+                                    .await
+                                    .unwrap();
+                                acked.fetch_add(1, Ordering::Relaxed);
+                                sent.seq
+                            }
+                        })
+                        .buffer_unordered(32)
+                        .collect::<Vec<u64>>()
+                        .await
+                })
+            })
+            .collect();
+        Self {
+            per_client,
+            acked,
+            sends,
+            seen,
         }
-        all
-    })
-    .await
-    .expect("every send acknowledged");
-    seqs.sort_unstable();
-    assert_eq!(
-        seqs,
-        (1..=total as u64).collect::<Vec<_>>(),
-        "every send stored once"
-    );
+    }
+
+    /// Waits until a third of the sends are acked.
+    async fn a_third_acked(&self) {
+        while self.acked.load(Ordering::Relaxed) < 2 * self.per_client / 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Asserts the burst is still going (so what just happened hit it mid-way).
+    fn assert_unfinished(&self, what: &str) {
+        assert!(
+            self.acked.load(Ordering::Relaxed) < 2 * self.per_client,
+            "{what} during the burst"
+        );
+    }
+
+    /// Every send stored once with seqs 1..=total; both clients hold every message, once,
+    /// in order.
+    async fn assert_nothing_lost(self) {
+        let total = 2 * self.per_client;
+        let mut seqs = tokio::time::timeout(Duration::from_secs(120), async {
+            let mut all = Vec::new();
+            for send in self.sends {
+                all.extend(send.await.unwrap());
+            }
+            all
+        })
+        .await
+        .expect("every send acknowledged");
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "every send stored once"
+        );
+        for (who, seen) in self.seen {
+            let threads = seen.await.unwrap();
+            assert_eq!(threads.len(), 1);
+            let messages = threads.into_values().next().unwrap();
+            assert_once_in_order(who, &messages);
+            assert_eq!(messages.len(), total, "{who} holds every message");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,31 +389,18 @@ async fn a_node_killed_during_a_burst_loses_and_duplicates_nothing() {
     let base = format!("http://{}", balancer.addr);
     let (alice, alice_events) = client_at(&base, "alice").await;
     let (bob, bob_events) = client_at(&base, "bob").await;
-    let per_client = 300;
-    let total = 2 * per_client;
-    let alice_seen = tokio::spawn(collect(alice_events, total));
-    let bob_seen = tokio::spawn(collect(bob_events, total));
-    let acked = Arc::new(AtomicUsize::new(0));
-    let sends = burst((&alice, "alice"), (&bob, "bob"), per_client, &acked);
-
-    while acked.load(Ordering::Relaxed) < total / 3 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let mut cluster = cluster;
-    cluster.nodes[0].kill_hard();
-    assert!(
-        acked.load(Ordering::Relaxed) < total,
-        "killed during the burst"
+    let burst = Burst::start(
+        (&alice, alice_events, "alice"),
+        (&bob, bob_events, "bob"),
+        300,
     );
 
-    assert_burst_acked(sends, total).await;
-    for (who, seen) in [("alice", alice_seen), ("bob", bob_seen)] {
-        let threads = seen.await.unwrap();
-        assert_eq!(threads.len(), 1);
-        let messages = threads.into_values().next().unwrap();
-        assert_once_in_order(who, &messages);
-        assert_eq!(messages.len(), total, "{who} holds every message");
-    }
+    burst.a_third_acked().await;
+    let mut cluster = cluster;
+    cluster.nodes[0].kill_hard();
+    burst.assert_unfinished("killed");
+
+    burst.assert_nothing_lost().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,30 +416,19 @@ async fn a_nats_restart_during_a_burst_loses_nothing() {
     cluster.nodes[1].user("bob").await;
     let (alice, alice_events) = cluster.client(0, "alice").await;
     let (bob, bob_events) = cluster.client(1, "bob").await;
-    let per_client = 300;
-    let total = 2 * per_client;
-    let alice_seen = tokio::spawn(collect(alice_events, total));
-    let bob_seen = tokio::spawn(collect(bob_events, total));
-    let acked = Arc::new(AtomicUsize::new(0));
-    let sends = burst((&alice, "alice"), (&bob, "bob"), per_client, &acked);
-
-    while acked.load(Ordering::Relaxed) < total / 3 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    nats.kill();
-    assert!(
-        acked.load(Ordering::Relaxed) < total,
-        "NATS stopped during the burst"
+    let burst = Burst::start(
+        (&alice, alice_events, "alice"),
+        (&bob, bob_events, "bob"),
+        300,
     );
+
+    burst.a_third_acked().await;
+    nats.kill();
+    burst.assert_unfinished("NATS stopped");
     tokio::time::sleep(Duration::from_millis(500)).await;
     nats.restart();
 
-    assert_burst_acked(sends, total).await;
-    for (who, seen) in [("alice", alice_seen), ("bob", bob_seen)] {
-        let messages = seen.await.unwrap().into_values().next().unwrap();
-        assert_once_in_order(who, &messages);
-        assert_eq!(messages.len(), total, "{who} holds every message");
-    }
+    burst.assert_nothing_lost().await;
     // Both nodes are back on the bus without a restart.
     for node in &cluster.nodes {
         let deadline = tokio::time::Instant::now() + WAIT;
