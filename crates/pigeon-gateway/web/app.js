@@ -123,7 +123,7 @@ async function onWelcome(frame) {
   $('banner').hidden = true;
   $('me-name').textContent = frame.username;
   await refreshThreads();
-  if (state.current) await catchUp(state.current);
+  if (state.current) await catchUp(state.current).catch(() => {});
   // Sends queued while offline go out once, in order, with their original ids.
   for (const pending of [...state.outbox]) if (!pending.failed) await transmit(pending);
 }
@@ -205,8 +205,12 @@ async function openThread(threadId) {
   $('open-details').hidden = !summary;
   renderThreads();
   if (summary?.kind === 'group') loadMembers(threadId);
-  if (!state.messages.has(threadId)) await loadOlder(threadId);
-  else await catchUp(threadId);
+  try {
+    if (!state.messages.has(threadId)) await loadOlder(threadId);
+    else await catchUp(threadId);
+  } catch {
+    // Disconnected: the reconnect catches the open thread up.
+  }
   renderMessages(true);
   markRead();
   $('body').focus();
@@ -707,7 +711,12 @@ function init() {
     if (list.scrollTop < 40 && state.current && state.more.get(state.current)) {
       state.more.set(state.current, false);
       const before = list.scrollHeight;
-      await loadOlder(state.current);
+      try {
+        await loadOlder(state.current);
+      } catch {
+        state.more.set(state.current, true); // try again on the next scroll
+        return;
+      }
       renderMessages();
       list.scrollTop = list.scrollHeight - before;
     }
