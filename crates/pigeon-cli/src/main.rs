@@ -74,6 +74,10 @@ struct ServeArgs {
     /// Requests allowed in a burst above the rate.
     #[arg(long, env = "PIGEON_RATE_BURST", default_value_t = 200)]
     rate_burst: u32,
+    /// Events queued for one socket before it counts as too slow: it is closed with 1013,
+    /// and its client reconnects and syncs (nothing is dropped silently).
+    #[arg(long, env = "PIGEON_SEND_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    send_queue: u32,
     /// Register and login attempts per second per client address.
     #[arg(long, env = "PIGEON_AUTH_RATE_LIMIT", default_value_t = 10)]
     auth_rate_limit: u32,
@@ -159,6 +163,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             rate_per_second: args.rate_limit,
             rate_burst: args.rate_burst,
             auth_rate_per_second: args.auth_rate_limit,
+            send_queue: args.send_queue as usize,
             ..GatewayConfig::default()
         },
     };

@@ -5,6 +5,7 @@
 
 mod http;
 mod longpoll;
+mod mailbox;
 mod metrics;
 mod registry;
 mod serve;

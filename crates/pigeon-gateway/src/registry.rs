@@ -5,38 +5,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use futures_channel::mpsc;
 use pigeon_bus::{ConnId, Deliver, Envelope, Payload};
 use pigeon_proto::{DeviceId, UserId, close};
 use tungstenite::Utf8Bytes;
 
 use crate::longpoll::PollSession;
+use crate::mailbox::{Mailbox, Refused};
 
-/// What a socket's writer is asked to do.
-#[derive(Debug)]
-pub(crate) enum Outbound {
-    /// Send this encoded frame.
-    Frame(Utf8Bytes),
-    /// Close with this code and reason.
-    Close(u16, &'static str),
-}
-
-/// When a socket last heard from its client, in milliseconds since the registry began.
-/// Its session writes it; the sweep reads it.
-#[derive(Default)]
-pub(crate) struct Activity(AtomicU64);
-
-impl Activity {
-    /// Records that the client was heard from now.
-    pub(crate) fn touch(&self, registry: &Registry) {
-        self.0.store(registry.clock(), Ordering::Relaxed);
-    }
-}
+/// How a socket whose queue overflowed is closed.
+pub(crate) const TOO_FAR_BEHIND: (u16, &str) =
+    (close::TRY_AGAIN_LATER, "too far behind; reconnect and sync");
 
 /// Where a connection's events go.
 pub(crate) enum Sink {
-    /// A WebSocket session's bounded queue, and when its client was last heard from.
-    Socket(mpsc::Sender<Outbound>, Arc<Activity>),
+    /// A WebSocket session's bounded queue, which also says when its client was last heard from.
+    Socket(Arc<Mailbox>),
     /// A long-poll session's buffer.
     Poll(Arc<PollSession>),
 }
@@ -81,7 +64,11 @@ impl Registry {
     }
 
     pub(crate) fn add(&self, user_id: UserId, id: ConnId, device_id: DeviceId, sink: Sink) {
-        self.users.entry(user_id).or_default().push(Conn {
+        let mut conns = self.users.entry(user_id).or_default();
+        // Most users have one or two connections: grow one at a time, not by doubling
+        // from four (an idle connection's memory is counted in bytes).
+        conns.reserve_exact(1);
+        conns.push(Conn {
             id,
             device_id,
             sink,
@@ -91,11 +78,13 @@ impl Registry {
     pub(crate) fn remove(&self, user_id: UserId, id: ConnId) {
         self.users.remove_if_mut(&user_id, |_, conns| {
             conns.retain(|conn| conn.id != id);
+            conns.shrink_to_fit();
             conns.is_empty()
         });
     }
 
-    fn clock(&self) -> u64 {
+    /// Milliseconds since the registry began: the clock of [`Mailbox::heard_at`].
+    pub(crate) fn clock(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
@@ -104,7 +93,7 @@ impl Registry {
         let now = self.clock();
         let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         self.close_sockets_where(
-            |activity| now.saturating_sub(activity.0.load(Ordering::Relaxed)) > limit,
+            |mailbox| now.saturating_sub(mailbox.last_heard()) > limit,
             close::HEARTBEAT_TIMEOUT,
             "no frame within the heartbeat timeout",
         );
@@ -117,19 +106,16 @@ impl Registry {
 
     fn close_sockets_where(
         &self,
-        chosen: impl Fn(&Activity) -> bool,
+        chosen: impl Fn(&Mailbox) -> bool,
         code: u16,
         reason: &'static str,
     ) {
-        for mut entry in self.users.iter_mut() {
-            for conn in entry.value_mut() {
-                if let Sink::Socket(queue, activity) = &mut conn.sink
-                    && chosen(activity)
+        for entry in self.users.iter() {
+            for conn in entry.value() {
+                if let Sink::Socket(mailbox) = &conn.sink
+                    && chosen(mailbox)
                 {
-                    // A full queue is closed instead; the session ends with 1013 then.
-                    if queue.try_send(Outbound::Close(code, reason)).is_err() {
-                        queue.close_channel();
-                    }
+                    mailbox.close(code, reason);
                 }
             }
         }
@@ -174,21 +160,17 @@ impl Deliver for Registry {
                     return;
                 };
                 for user in envelope.users.iter() {
-                    let Some(mut conns) = self.users.get_mut(user) else {
+                    let Some(conns) = self.users.get(user) else {
                         continue;
                     };
-                    for conn in conns
-                        .iter_mut()
-                        .filter(|conn| Some(conn.id) != envelope.skip)
-                    {
-                        match &mut conn.sink {
-                            Sink::Socket(queue, _) => {
-                                if let Err(error) = queue.try_send(Outbound::Frame(text.clone()))
-                                    && error.is_full()
+                    for conn in conns.iter().filter(|conn| Some(conn.id) != envelope.skip) {
+                        match &conn.sink {
+                            Sink::Socket(mailbox) => {
+                                // Never dropped silently: a full queue closes the socket, and
+                                // the client reconnects and syncs.
+                                if mailbox.push(text.clone(), TOO_FAR_BEHIND) == Err(Refused::Full)
                                 {
-                                    // Never drop silently: close it; the client reconnects and syncs.
                                     self.slow_consumers.increment(1);
-                                    queue.close_channel();
                                 }
                             }
                             Sink::Poll(session) => session.push(text.clone()),
@@ -198,21 +180,13 @@ impl Deliver for Registry {
             }
             Payload::CloseDevice(device_id) => {
                 for user in envelope.users.iter() {
-                    let Some(mut conns) = self.users.get_mut(user) else {
+                    let Some(conns) = self.users.get(user) else {
                         continue;
                     };
-                    for conn in conns.iter_mut().filter(|conn| conn.device_id == *device_id) {
-                        match &mut conn.sink {
-                            Sink::Socket(queue, _) => {
-                                if queue
-                                    .try_send(Outbound::Close(
-                                        close::UNAUTHORIZED,
-                                        "device revoked",
-                                    ))
-                                    .is_err()
-                                {
-                                    queue.close_channel();
-                                }
+                    for conn in conns.iter().filter(|conn| conn.device_id == *device_id) {
+                        match &conn.sink {
+                            Sink::Socket(mailbox) => {
+                                mailbox.close(close::UNAUTHORIZED, "device revoked");
                             }
                             Sink::Poll(session) => session.revoke(),
                         }

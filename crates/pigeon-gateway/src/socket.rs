@@ -17,7 +17,6 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::prelude::BASE64_STANDARD;
 use futures::{SinkExt, StreamExt};
-use futures_channel::mpsc;
 use governor::clock::MonotonicClock;
 use governor::{Quota, RateLimiter};
 use hyper::upgrade::OnUpgrade;
@@ -38,10 +37,14 @@ use tungstenite::{Message, Utf8Bytes};
 
 use crate::AppState;
 use crate::http::{ApiError, bearer_token};
-use crate::registry::{Activity, Outbound, Sink};
+use crate::mailbox::{Mailbox, Outbound};
+use crate::registry::Sink;
 
-/// Most queued events written before one flush.
+/// Most queued events gathered into one write.
 const MAX_COALESCE: u64 = 64;
+
+/// Bytes gathered into one write before it goes out, unless a single frame is larger.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// Bytes read from the socket at a time. An idle connection holds exactly this much, so it
 /// is small; a larger frame takes more reads, and the buffer grows while frames queue up.
@@ -70,11 +73,12 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
         .into_response();
     };
     let limit = state.config.max_frame_bytes;
-    // Frames fed to the socket gather in the write buffer up to this size, so a backlog of
-    // events goes out in few writes; an idle socket keeps only what its largest batch used.
+    // Events and answers bypass tungstenite's write buffer (see `write_frames`), which
+    // would keep the size of the largest thing ever written for the socket's lifetime; it
+    // only carries pongs and the close frame, written at once.
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(8 * 1024)
+        .write_buffer_size(0)
         .max_write_buffer_size(limit.max(64 * 1024) * 4)
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit));
@@ -194,13 +198,12 @@ async fn session(state: AppState, handoff: Box<Handoff>) {
     let Some(Opened {
         mut socket,
         caller,
-        queue_rx,
-        activity,
+        mailbox,
     }) = Box::pin(open(&state, handoff)).await
     else {
         return;
     };
-    let end = serve(&state, &caller, &mut socket, queue_rx, &activity).await;
+    let end = serve(&state, &caller, &mut socket, &mailbox).await;
     Box::pin(close(&state, &caller, &mut socket, end)).await;
 }
 
@@ -208,8 +211,7 @@ async fn session(state: AppState, handoff: Box<Handoff>) {
 struct Opened {
     socket: Socket,
     caller: Caller,
-    queue_rx: mpsc::Receiver<Outbound>,
-    activity: Arc<Activity>,
+    mailbox: Arc<Mailbox>,
 }
 
 /// Takes over the connection, authenticates (unless the upgrade request did), registers
@@ -221,15 +223,15 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
         pre_auth,
     } = *handoff;
     let (mut stream, early) = take_over(on_upgrade).await?;
-    let (socket, caller, queue_rx, activity) = match pre_auth {
+    let (socket, caller, mailbox) = match pre_auth {
         Some(caller) => {
-            let (caller, queue_rx, activity) = register(state, caller).await;
+            let (caller, mailbox) = register(state, caller).await;
             // `welcome` goes straight to the stream, framed by tungstenite but before it
             // wraps the stream: its write buffer then stays empty until the first event,
             // which an idle connection never gets.
             let frame = encode(&welcome(state, &caller, None)).map(|text| {
                 let mut bytes = Vec::new();
-                let _ = Frame::message(text, OpCode::Data(Data::Text), true).format(&mut bytes);
+                push_frame(&mut bytes, text);
                 bytes
             });
             let written = match frame {
@@ -241,12 +243,7 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
                 return None;
             }
             state.metrics.frames_out.increment(1);
-            (
-                wrap(stream, early, config).await,
-                caller,
-                queue_rx,
-                activity,
-            )
+            (wrap(stream, early, config).await, caller, mailbox)
         }
         None => {
             let mut socket = wrap(stream, early, config).await;
@@ -257,7 +254,7 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
                     return None;
                 }
             };
-            let (caller, queue_rx, activity) = register(state, caller).await;
+            let (caller, mailbox) = register(state, caller).await;
             if send_frame(state, &mut socket, &welcome(state, &caller, hello_id))
                 .await
                 .is_err()
@@ -265,7 +262,7 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
                 close(state, &caller, &mut socket, End::Gone).await;
                 return None;
             }
-            (socket, caller, queue_rx, activity)
+            (socket, caller, mailbox)
         }
     };
     let mut socket = socket;
@@ -278,32 +275,29 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
     Some(Opened {
         socket,
         caller,
-        queue_rx,
-        activity,
+        mailbox,
     })
 }
 
 /// Registers an authenticated connection and counts it for presence. Registered before
 /// `welcome`: anything committed after the client sees `welcome` reaches it live, and
 /// anything before is in its sync.
-async fn register(
-    state: &AppState,
-    mut caller: Caller,
-) -> (Caller, mpsc::Receiver<Outbound>, Arc<Activity>) {
+async fn register(state: &AppState, mut caller: Caller) -> (Caller, Arc<Mailbox>) {
     let conn_id = state.registry.next_conn_id();
     caller.conn = Some(conn_id);
-    let (queue_tx, queue_rx) = mpsc::channel(state.config.send_queue);
-    let activity = Arc::new(Activity::default());
-    activity.touch(&state.registry);
+    let mailbox = Arc::new(Mailbox::new(
+        state.config.send_queue,
+        state.registry.clock(),
+    ));
     state.registry.add(
         caller.user_id,
         conn_id,
         caller.device_id,
-        Sink::Socket(queue_tx, activity.clone()),
+        Sink::Socket(mailbox.clone()),
     );
     state.metrics.connections_open.increment(1.0);
     state.chat.connection_opened(&caller).await;
-    (caller, queue_rx, activity)
+    (caller, mailbox)
 }
 
 fn welcome(state: &AppState, caller: &Caller, hello_id: Option<ReqId>) -> ServerFrame {
@@ -400,13 +394,7 @@ enum Step {
 /// The session loop. One request is handled at a time, in order (so a client's sends keep
 /// their order); while it runs, events keep flowing out and reading pauses (backpressure).
 /// The heartbeat timeout and shutdown arrive through the queue, from the gateway's sweep.
-async fn serve(
-    state: &AppState,
-    caller: &Caller,
-    socket: &mut Socket,
-    mut queue_rx: mpsc::Receiver<Outbound>,
-    activity: &Activity,
-) -> End {
+async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: &Mailbox) -> End {
     let quota =
         Quota::per_second(NonZeroU32::new(state.config.rate_per_second.max(1)).expect("nonzero"))
             .allow_burst(NonZeroU32::new(state.config.rate_burst.max(1)).expect("nonzero"));
@@ -418,10 +406,9 @@ async fn serve(
     loop {
         // Unbiased: a steady stream of events must not starve answers or reads.
         let step = tokio::select! {
-            outbound = queue_rx.next() => match outbound {
-                Some(Outbound::Frame(text)) => Step::Events(text),
-                Some(Outbound::Close(code, reason)) => Step::End(End::Close(code, reason)),
-                None => Step::End(End::Close(close::TRY_AGAIN_LATER, "too far behind; reconnect and sync")),
+            outbound = mailbox.next() => match outbound {
+                Outbound::Frame(text) => Step::Events(text),
+                Outbound::Close(code, reason) => Step::End(End::Close(code, reason)),
             },
             answer = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
                 pending = None;
@@ -431,7 +418,7 @@ async fn serve(
                 None => Step::End(End::Gone),
                 Some(Err(error)) => Step::End(read_error(error)),
                 Some(Ok(Message::Text(text))) => {
-                    activity.touch(&state.registry);
+                    mailbox.heard_at(state.registry.clock());
                     state.metrics.frames_in.increment(1);
                     // Every frame counts against the limit, well-formed or not.
                     let limited = limiter.check().is_err();
@@ -456,7 +443,7 @@ async fn serve(
                     Step::End(End::Close(close::UNSUPPORTED_DATA, "frames are JSON text"))
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
-                    activity.touch(&state.registry);
+                    mailbox.heard_at(state.registry.clock());
                     Step::Idle
                 }
                 Some(Ok(Message::Close(_))) => Step::End(End::Gone),
@@ -465,12 +452,14 @@ async fn serve(
         match step {
             Step::Events(first) => {
                 // Boxed: a batch's state lives only while it is written.
-                if let Err(end) = Box::pin(write_batch(state, socket, first, &mut queue_rx)).await {
+                if let Err(end) = Box::pin(write_batch(state, socket, first, mailbox)).await {
                     return end;
                 }
             }
             Step::Answer(text) => {
-                if socket.send(Message::Text(text)).await.is_err() {
+                let mut bytes = Vec::new();
+                push_frame(&mut bytes, text);
+                if write_frames(socket, &bytes).await.is_err() {
                     return End::Gone;
                 }
                 state.metrics.frames_out.increment(1);
@@ -492,37 +481,48 @@ fn encode(frame: &ServerFrame) -> Option<Utf8Bytes> {
     }
 }
 
-/// Writes one queued event and whatever else is already queued, then flushes once.
+/// Appends `text` to `out` as one WebSocket text frame (unmasked, as a server sends).
+fn push_frame(out: &mut Vec<u8>, text: Utf8Bytes) {
+    let frame = Frame::message(text, OpCode::Data(Data::Text), true);
+    out.reserve(frame.len());
+    // Writing into a Vec cannot fail.
+    let _ = frame.format(out);
+}
+
+/// Writes frames formatted by [`push_frame`] straight to the TCP stream, after anything
+/// tungstenite still holds (a pong), so the order on the wire is kept. The bytes are the
+/// caller's and are freed after the write: an idle socket keeps no write buffer, whatever
+/// it once sent (tungstenite's buffer never shrinks).
+async fn write_frames(socket: &mut Socket, bytes: &[u8]) -> std::io::Result<()> {
+    socket.flush().await.map_err(std::io::Error::other)?;
+    socket.get_mut().write_all(bytes).await
+}
+
+/// Writes one queued event and whatever else is already queued, in one write.
 async fn write_batch(
     state: &AppState,
     socket: &mut Socket,
     first: Utf8Bytes,
-    queue_rx: &mut mpsc::Receiver<Outbound>,
+    mailbox: &Mailbox,
 ) -> Result<(), End> {
-    socket
-        .feed(Message::Text(first))
-        .await
-        .map_err(|_| End::Gone)?;
+    let mut bytes = Vec::new();
+    push_frame(&mut bytes, first);
     let mut written: u64 = 1;
     let mut close_after = None;
-    while written < MAX_COALESCE {
-        match queue_rx.try_recv() {
-            Ok(Outbound::Frame(text)) => {
-                socket
-                    .feed(Message::Text(text))
-                    .await
-                    .map_err(|_| End::Gone)?;
+    while written < MAX_COALESCE && bytes.len() < MAX_BATCH_BYTES {
+        match mailbox.try_next() {
+            Some(Outbound::Frame(text)) => {
+                push_frame(&mut bytes, text);
                 written += 1;
             }
-            Ok(Outbound::Close(code, reason)) => {
+            Some(Outbound::Close(code, reason)) => {
                 close_after = Some(End::Close(code, reason));
                 break;
             }
-            // Empty, or closed after a slow-consumer overflow (the next read says so).
-            Err(_) => break,
+            None => break,
         }
     }
-    socket.flush().await.map_err(|_| End::Gone)?;
+    write_frames(socket, &bytes).await.map_err(|_| End::Gone)?;
     state.metrics.frames_out.increment(written);
     close_after.map_or(Ok(()), Err)
 }

@@ -68,6 +68,13 @@ pub struct MemberInfo {
     pub role: Role,
     /// When they joined, in milliseconds since the Unix epoch.
     pub joined_at: i64,
+    /// Their read marker (never below the seq they joined at). Only in groups small enough
+    /// to send read receipts, where members see the same markers move live as `receipt`s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_seq: Option<u64>,
+    /// Their delivered marker, like `read_seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_seq: Option<u64>,
 }
 
 /// What a system message (kind `system`) records. Membership and settings changes are

@@ -436,6 +436,27 @@ pub(crate) async fn groups_record_changes_as_system_messages(store: &dyn Store) 
         store.get_membership(thread, late).await.unwrap().joined_seq,
         added_seq - 1
     );
+    store
+        .set_marker(thread, owner, MarkKind::Delivered, added_seq)
+        .await
+        .unwrap();
+    let markers: Vec<_> = store
+        .list_members(thread, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.user_id, m.read_seq, m.delivered_seq))
+        .collect();
+    for expected in [
+        // A late member's markers start at the join, never below it.
+        (late, Some(added_seq - 1), Some(added_seq - 1)),
+        // A change moves its actor's markers, as a send does; a receipt moves one.
+        (owner, Some(added_seq - 2), Some(added_seq)),
+        (admin, Some(added_seq), Some(added_seq)),
+        (member, Some(added_seq - 1), Some(added_seq - 1)),
+    ] {
+        assert!(markers.contains(&expected), "{expected:?} in {markers:?}");
+    }
     assert!(
         matches!(
             change(admin, GroupChange::AddMembers(vec![extra])).await,

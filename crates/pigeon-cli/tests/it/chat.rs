@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::support::{Server, Ws, send};
+use crate::support::{Server, Ws, send, sync_all};
 
 /// Collects the message events a device sees until it holds `total` messages of the thread
 /// (counting its own sends, whose acks it already has).
@@ -311,4 +311,51 @@ async fn sigterm_closes_sockets_with_going_away_and_exits_cleanly() {
         "exit status"
     );
     assert_eq!(code.await.unwrap(), Some(1001));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_with_1013_and_its_sync_has_everything() {
+    let server = Server::start(&[
+        "--send-queue",
+        "8",
+        "--rate-limit",
+        "10000",
+        "--rate-burst",
+        "10000",
+    ]);
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let mut sender = alice.connect(&server).await;
+    // Bob's socket stops being read: the kernel's buffers fill, then his queue of 8.
+    let mut stalled = bob.connect_small_window(&server).await;
+    let body = "x".repeat(15 * 1024);
+    // Sent until the server gives up on bob (how much the kernel buffers first depends on
+    // its TCP settings), bounded.
+    let mut total = 0;
+    while server.metric("pigeon_slow_consumer_closes_total").await < 1.0 {
+        assert!(total < 5_000, "bob's socket never backed up");
+        for _ in 0..50 {
+            // The sender is never held up by a slow receiver.
+            send(&mut sender, &bob.user_id, &format!("m{total}"), &body).await;
+            total += 1;
+        }
+    }
+    assert_eq!(
+        stalled.close_code().await,
+        Some(1013),
+        "a socket that fell too far behind is closed with 1013 (try again later)"
+    );
+    let received = stalled.events.len();
+    assert!(
+        received < total,
+        "bob received {received} of {total} live: the test did not back up his socket"
+    );
+
+    // Nothing was dropped: the reconnected client syncs all of it, in order.
+    let mut again = bob.connect(&server).await;
+    let synced = sync_all(&mut again, 100).await;
+    assert_eq!(synced.len(), total);
+    for (n, message) in synced.iter().enumerate() {
+        assert_eq!(message["client_msg_id"], format!("m{n}"), "{message}");
+    }
 }

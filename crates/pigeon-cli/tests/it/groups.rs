@@ -455,6 +455,64 @@ async fn a_message_to_10000_members_writes_one_message_row() {
         .await;
     assert_eq!(list["members"].as_array().unwrap().len(), 1000);
     assert_eq!(list["more"], true);
+    assert!(
+        list["members"][0].get("read_seq").is_none(),
+        "a group too large for receipts does not show markers either: {}",
+        list["members"][0]
+    );
+}
+
+#[tokio::test]
+async fn the_member_list_of_a_small_group_carries_each_members_markers() {
+    let server = Server::start(&[]);
+    let mut alice = server.user("alice").await.connect(&server).await;
+    let mut bob = server.user("bob").await.connect(&server).await;
+    let mut carol = server.user("carol").await.connect(&server).await;
+    let group = alice
+        .request(json!({"type": "create_group", "title": "Trip", "members": ["bob", "carol"]}))
+        .await;
+    let thread_id = group["group"]["thread_id"].clone();
+    let first = send_text(&mut alice, &thread_id, "a1").await;
+    let second = send_text(&mut alice, &thread_id, "a2").await;
+    for (ws, kind, seq) in [(&mut bob, "read", second), (&mut carol, "delivered", first)] {
+        let answer = ws
+            .request(json!({"type": "mark", "thread_id": thread_id, "kind": kind, "seq": seq}))
+            .await;
+        assert_ne!(answer["type"], "error", "{answer}");
+    }
+
+    // What a client needs to show "read by all" after a reload, without the live receipts.
+    let list = alice
+        .request(json!({"type": "group_members", "thread_id": thread_id}))
+        .await;
+    let markers: Vec<(&str, u64, u64)> = list["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["username"].as_str().unwrap(),
+                m["read_seq"].as_u64().unwrap(),
+                m["delivered_seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // Members named at creation joined before the group's first message (`created`).
+    for expected in [
+        ("alice", second, second),
+        ("bob", second, second),
+        ("carol", 0, first),
+    ] {
+        assert!(markers.contains(&expected), "{expected:?} in {markers:?}");
+    }
+}
+
+async fn send_text(ws: &mut Ws, thread_id: &Value, client_msg_id: &str) -> u64 {
+    let answer = ws
+        .request(json!({"type": "send", "thread_id": thread_id, "client_msg_id": client_msg_id, "body": "hi"}))
+        .await;
+    assert_eq!(answer["type"], "sent", "{answer}");
+    answer["seq"].as_u64().unwrap()
 }
 
 async fn send_to(ws: &mut Ws, thread_id: &Value, n: usize) {

@@ -240,17 +240,24 @@ impl Device {
         let (stream, _) = tokio_tungstenite::connect_async(request)
             .await
             .expect("connect");
-        let mut ws = Ws {
-            stream,
-            events: VecDeque::new(),
-            answers: HashMap::new(),
-            next_id: 0,
-            welcome: Value::Null,
-        };
-        let welcome = ws.next_frame().await.expect("welcome");
-        assert_eq!(welcome["type"], "welcome", "{welcome}");
-        ws.welcome = welcome;
-        ws
+        Ws::welcomed(stream).await
+    }
+
+    /// Like [`Device::connect`], over a socket with a tiny receive buffer, so that a client
+    /// that stops reading soon backs up the server's writes.
+    pub(crate) async fn connect_small_window(&self, server: &Server) -> Ws {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket.connect(server.addr).await.expect("connect");
+        let mut request = server.ws_url().into_client_request().unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.token).parse().unwrap(),
+        );
+        let (stream, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp))
+            .await
+            .expect("upgrade");
+        Ws::welcomed(stream).await
     }
 
     /// Makes one HTTP request with this device's token to `/v1/rpc`.
@@ -291,6 +298,21 @@ pub(crate) struct Ws {
 }
 
 impl Ws {
+    /// Wraps a freshly upgraded socket and waits for `welcome`.
+    async fn welcomed(stream: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
+        let mut ws = Ws {
+            stream,
+            events: VecDeque::new(),
+            answers: HashMap::new(),
+            next_id: 0,
+            welcome: Value::Null,
+        };
+        let welcome = ws.next_frame().await.expect("welcome");
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        ws.welcome = welcome;
+        ws
+    }
+
     /// Sends a request (its `id` is set here) and returns the answer with that id.
     pub(crate) async fn request(&mut self, mut frame: Value) -> Value {
         self.next_id += 1;
@@ -410,7 +432,8 @@ impl Ws {
         }
     }
 
-    /// Reads until the server closes; returns the close code.
+    /// Reads until the server closes; returns the close code. Frames read on the way are
+    /// kept in `events`.
     pub(crate) async fn close_code(&mut self) -> Option<u16> {
         loop {
             let message = tokio::time::timeout(WAIT, self.stream.next())
@@ -418,6 +441,10 @@ impl Ws {
                 .expect("timed out waiting for close");
             match message {
                 Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code.into()),
+                Some(Ok(Message::Text(text))) => {
+                    self.events
+                        .push_back(serde_json::from_str(&text).expect("server sent JSON"));
+                }
                 Some(Ok(_)) => {}
                 None | Some(Err(_)) => return None,
             }

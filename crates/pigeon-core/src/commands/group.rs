@@ -197,11 +197,18 @@ pub(crate) async fn members(
 ) -> Result<ServerFrame> {
     chat.store.get_membership(thread_id, caller.user_id).await?;
     // Direct threads have no member list to page: `forbidden`, as for `group_info`.
-    chat.store.get_group(thread_id).await?;
+    let group = chat.store.get_group(thread_id).await?;
     let limit = limit.unwrap_or(200).clamp(1, 1000);
     let mut members = chat.store.list_members(thread_id, after, limit + 1).await?;
     let more = members.len() > limit as usize;
     members.truncate(limit as usize);
+    // Markers are shown where receipts are sent, and nowhere else.
+    if group.member_count > pigeon_store::PRESENCE_GROUP_LIMIT {
+        for member in &mut members {
+            member.read_seq = None;
+            member.delivered_seq = None;
+        }
+    }
     Ok(ServerFrame::Members {
         id,
         thread_id,

@@ -550,7 +550,9 @@ pub(super) async fn list_members(
     let after = after.map_or(Uuid::nil(), |id| *id.as_uuid());
     query(
         &client,
-        "SELECT m.user_id, u.username, m.role, m.joined_at FROM members m JOIN users u ON u.id = m.user_id
+        "SELECT m.user_id, u.username, m.role, m.joined_at,
+                GREATEST(m.last_read_seq, m.joined_seq), GREATEST(m.last_delivered_seq, m.joined_seq)
+         FROM members m JOIN users u ON u.id = m.user_id
          WHERE m.thread_id = $1 AND m.user_id > $2 ORDER BY m.user_id LIMIT $3",
         &[thread_id.as_uuid(), &after, &i64::from(limit)],
     )
@@ -562,6 +564,8 @@ pub(super) async fn list_members(
             username: row.try_get(1)?,
             role: Role::parse(row.try_get(2)?),
             joined_at: row.try_get(3)?,
+            read_seq: Some(crate::common::to_u64(row.try_get(4)?)),
+            delivered_seq: Some(crate::common::to_u64(row.try_get(5)?)),
         })
     })
     .collect()

@@ -629,7 +629,9 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let after = after.map(|id| *id.as_bytes()).unwrap_or([0u8; 16]);
             let mut stmt = conn.prepare_cached(
-                "SELECT m.user_id, u.username, m.role, m.joined_at FROM members m JOIN users u ON u.id = m.user_id
+                "SELECT m.user_id, u.username, m.role, m.joined_at,
+                        max(m.last_read_seq, m.joined_seq), max(m.last_delivered_seq, m.joined_seq)
+                 FROM members m JOIN users u ON u.id = m.user_id
                  WHERE m.thread_id = ?1 AND m.user_id > ?2 ORDER BY m.user_id LIMIT ?3",
             )?;
             let rows = stmt.query_map(params![thread_id.as_bytes(), &after[..], limit], |row| {
@@ -638,6 +640,8 @@ impl Store for SqliteStore {
                     username: row.get(1)?,
                     role: Role::parse(&row.get::<_, String>(2)?),
                     joined_at: row.get(3)?,
+                    read_seq: Some(crate::common::to_u64(row.get(4)?)),
+                    delivered_seq: Some(crate::common::to_u64(row.get(5)?)),
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
