@@ -101,7 +101,13 @@ impl ChatService {
         self.revoke_device(caller, caller.device_id).await
     }
 
-    /// Lists the caller's devices.
+    /// Whether the caller hides their last-seen time (`set_privacy`).
+    pub async fn hides_last_seen(&self, caller: &Caller) -> Result<bool> {
+        let user = self.store.get_user(caller.user_id).await?;
+        Ok(user.is_some_and(|user| user.hide_last_seen))
+    }
+
+    /// Lists the caller's devices, marking the one asking.
     pub async fn list_devices(&self, caller: &Caller) -> Result<Vec<DeviceInfo>> {
         let devices = self.store.list_devices(caller.user_id).await?;
         Ok(devices

@@ -226,7 +226,13 @@ pub(crate) async fn logout(
 /// `GET /v1/me` → {user_id, username, device_id}: who this token is.
 pub(crate) async fn me(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     let caller = authenticate(&state, &headers).await?;
-    let body = json!({ "user_id": caller.user_id, "username": caller.username, "device_id": caller.device_id });
+    let hide_last_seen = state.chat.hides_last_seen(&caller).await?;
+    let body = json!({
+        "user_id": caller.user_id,
+        "username": caller.username,
+        "device_id": caller.device_id,
+        "hide_last_seen": hide_last_seen,
+    });
     Ok(Json(body).into_response())
 }
 

@@ -23,7 +23,10 @@ const state = {
   totalUnread: 0,
   names: new Map(), // user_id -> username, for senders in groups
   online: new Map(), // user_id -> online, for the dots of direct chats
-  receipts: new Map(), // group thread_id -> Map(user_id -> {read, delivered}) seen live
+  receipts: new Map(), // group thread_id -> Map(user_id -> {read, delivered}) of the other members
+  unreadFrom: null, // the open thread's read marker when it was opened, for the divider
+  newBelow: 0, // messages that arrived below the view while scrolled up
+  showArchived: false,
 };
 
 // ---- HTTP account endpoints -------------------------------------------------------
@@ -34,6 +37,13 @@ async function api(path, body, token) {
   const response = await fetch(path, { method: 'POST', headers, body: JSON.stringify(body ?? {}) });
   const text = await response.text();
   const json = text ? JSON.parse(text) : {};
+  if (!response.ok) throw new Error(json.message || `HTTP ${response.status}`);
+  return json;
+}
+
+async function apiGet(path) {
+  const response = await fetch(path, { headers: { authorization: `Bearer ${state.token}` } });
+  const json = await response.json();
   if (!response.ok) throw new Error(json.message || `HTTP ${response.status}`);
   return json;
 }
@@ -122,6 +132,13 @@ async function onWelcome(frame) {
   state.me = { user_id: frame.user_id, username: frame.username };
   $('banner').hidden = true;
   $('me-name').textContent = frame.username;
+  // Events missed while disconnected would leave holes in the threads not open: they
+  // load afresh when next opened. The open one catches up now.
+  for (const threadId of [...state.messages.keys()]) {
+    if (threadId === state.current) continue;
+    state.messages.delete(threadId);
+    state.more.delete(threadId);
+  }
   await refreshThreads();
   if (state.current) await catchUp(state.current).catch(() => {});
   // Sends queued while offline go out once, in order, with their original ids.
@@ -161,15 +178,26 @@ function renderThreads() {
   // Pinned first, then most recent; archived ones last, under their own heading.
   const threads = [...state.threads.values()].sort((a, b) =>
     (a.archived - b.archived) || (b.pinned - a.pinned) || (b.updated_at - a.updated_at));
+  const archived = threads.filter((t) => t.archived);
   let archivedShown = false;
   for (const summary of threads) {
     if (summary.archived && !archivedShown) {
       archivedShown = true;
+      // Archived chats stay folded away under one row until asked for.
       const heading = document.createElement('li');
       heading.className = 'heading';
-      heading.textContent = 'Archived';
+      const toggle = document.createElement('button');
+      toggle.type = 'button';
+      toggle.id = 'toggle-archived';
+      toggle.className = 'link';
+      toggle.setAttribute('aria-expanded', String(state.showArchived));
+      const unread = archived.reduce((sum, t) => sum + (t.unread > 0 ? 1 : 0), 0);
+      toggle.textContent = `${state.showArchived ? '▾' : '▸'} Archived (${archived.length})${unread ? ` · ${unread} unread` : ''}`;
+      toggle.addEventListener('click', () => { state.showArchived = !state.showArchived; renderThreads(); });
+      heading.append(toggle);
       list.append(heading);
     }
+    if (summary.archived && !state.showArchived && summary.thread_id !== state.current) continue;
     const item = document.createElement('li');
     item.dataset.thread = summary.thread_id;
     if (summary.thread_id === state.current) item.classList.add('active');
@@ -196,22 +224,44 @@ function renderThreads() {
   document.title = state.totalUnread > 0 ? `(${state.totalUnread}) Pigeon` : 'Pigeon';
 }
 
+/// Most older pages loaded on opening a thread to reach its first unread message.
+const UNREAD_PAGES = 10;
+
 async function openThread(threadId) {
   state.current = threadId;
+  state.newBelow = 0;
   $('app').classList.add('in-chat');
   $('composer').hidden = false;
   const summary = state.threads.get(threadId);
+  // Where the unread messages begin, as the list said before this visit marks them.
+  state.unreadFrom = summary && summary.unread > 0 ? (summary.read_seq ?? 0) : null;
   $('chat-title').textContent = summary ? threadName(summary) : '';
   $('open-details').hidden = !summary;
   renderThreads();
   if (summary?.kind === 'group') loadMembers(threadId);
   try {
-    if (!state.messages.has(threadId)) await loadOlder(threadId);
-    else await catchUp(threadId);
+    // The first visit loads the newest page (events that arrived before it are in that
+    // history too); later visits fetch what came after the newest held.
+    if (!state.more.has(threadId)) {
+      state.messages.delete(threadId);
+      await loadOlder(threadId);
+    } else {
+      await catchUp(threadId);
+    }
+    // Back to the first unread message, so the divider has something above it.
+    for (let page = 0; state.unreadFrom !== null && page < UNREAD_PAGES; page += 1) {
+      const oldest = Math.min(...held(threadId).keys());
+      if (oldest <= state.unreadFrom + 1 || !state.more.get(threadId)) break;
+      await loadOlder(threadId);
+    }
   } catch {
     // Disconnected: the reconnect catches the open thread up.
   }
+  if (state.current !== threadId) return;
   renderMessages(true);
+  // Open at the first unread message; the newest may be further down.
+  $('unread-divider')?.scrollIntoView({ block: 'start' });
+  renderJump();
   markRead();
   $('body').focus();
 }
@@ -242,18 +292,34 @@ async function createGroup(title, members) {
   }
 }
 
-/// Learns the usernames of a group's members, to name the senders.
+/// Learns a group's members: their usernames, to name the senders, and their read and
+/// delivered markers (groups small enough for receipts carry them), so a message shows
+/// "read" after a reload too, not only once receipts arrive live.
 async function loadMembers(threadId) {
   let after;
+  const marks = new Map();
   for (let page = 0; page < 10; page += 1) {
     let answer;
     try {
       answer = await request({ type: 'group_members', thread_id: threadId, after, limit: 200 });
     } catch { return; }
-    for (const member of answer.members) state.names.set(member.user_id, member.username);
+    for (const member of answer.members) {
+      state.names.set(member.user_id, member.username);
+      if (member.user_id !== state.me.user_id && member.read_seq !== undefined) {
+        marks.set(member.user_id, { read: member.read_seq, delivered: member.delivered_seq });
+      }
+    }
     if (!answer.more || answer.members.length === 0) break;
     after = answer.members[answer.members.length - 1].user_id;
   }
+  // Receipts that arrived meanwhile may be newer than the list; members who left drop out.
+  for (const [user, live] of state.receipts.get(threadId) ?? []) {
+    const listed = marks.get(user);
+    if (!listed) continue;
+    listed.read = Math.max(listed.read, live.read);
+    listed.delivered = Math.max(listed.delivered, live.delivered);
+  }
+  if (marks.size > 0) state.receipts.set(threadId, marks);
   if (threadId === state.current) renderMessages();
 }
 
@@ -304,9 +370,22 @@ function onMessage(message) {
   summary.last_message = message;
   summary.last_seq = Math.max(summary.last_seq, message.seq);
   summary.updated_at = message.created_at;
+  if (message.kind === 'system' && summary.kind === 'group' && message.thread_id === state.current) {
+    loadMembers(message.thread_id);
+  }
   if (message.thread_id === state.current && document.visibilityState === 'visible') {
+    const below = !atBottom();
     renderMessages();
-    markRead();
+    if (below && message.sender_id !== state.me.user_id) {
+      // Not in view yet: counted on the "newest" button, read once scrolled to.
+      state.newBelow += 1;
+      summary.unread += 1;
+      if (!summary.muted) state.totalUnread += 1;
+      request({ type: 'mark', thread_id: message.thread_id, seq: message.seq, kind: 'delivered' }).catch(() => {});
+      renderJump();
+    } else {
+      markRead();
+    }
   } else if (message.sender_id !== state.me.user_id) {
     summary.unread += 1;
     if (!summary.muted) state.totalUnread += 1;
@@ -357,17 +436,45 @@ function renderTyping() {
   line.hidden = false;
 }
 
+/// Whether the newest message is in view (within a few pixels).
+function atBottom() {
+  const list = $('messages');
+  return list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+}
+
+/// The newest message whose top is in view: what the reader has actually seen.
+function newestSeen() {
+  const list = $('messages');
+  const bottom = list.getBoundingClientRect().bottom;
+  let newest = 0;
+  for (const item of list.querySelectorAll('li[data-seq]')) {
+    if (item.getBoundingClientRect().top < bottom) newest = Math.max(newest, Number(item.dataset.seq));
+  }
+  return newest;
+}
+
+/// Moves the read marker up to the newest message in view, when the page is visible.
 async function markRead() {
   const summary = state.threads.get(state.current);
   if (!summary || document.visibilityState !== 'visible') return;
-  const newest = Math.max(0, ...held(state.current).keys());
-  if (newest > (summary.read_seq ?? 0)) {
-    summary.read_seq = newest;
-    if (!summary.muted) state.totalUnread = Math.max(0, state.totalUnread - summary.unread);
-    summary.unread = 0;
+  const seen = newestSeen();
+  if (seen > (summary.read_seq ?? 0)) {
+    const unread = Math.max(0, (summary.last_seq ?? seen) - seen);
+    if (!summary.muted) state.totalUnread = Math.max(0, state.totalUnread - (summary.unread - unread));
+    summary.read_seq = seen;
+    summary.unread = unread;
     renderThreads();
-    await request({ type: 'mark', thread_id: state.current, seq: newest, kind: 'read' }).catch(() => {});
+    await request({ type: 'mark', thread_id: state.current, seq: seen, kind: 'read' }).catch(() => {});
   }
+}
+
+/// The "newest" button: shown while the newest messages are out of view.
+function renderJump() {
+  const jump = $('jump');
+  const hidden = !state.current || atBottom();
+  if (hidden) state.newBelow = 0;
+  jump.hidden = hidden;
+  jump.textContent = state.newBelow > 0 ? `↓ ${state.newBelow} new` : '↓ Newest';
 }
 
 function statusOf(message, summary) {
@@ -397,6 +504,8 @@ function renderMessages(scrollToEnd = false) {
   const summary = state.threads.get(state.current);
   const messages = [...held(state.current).values()].sort((a, b) => a.seq - b.seq);
   let day = null;
+  const unread = state.unreadFrom === null ? []
+    : messages.filter((m) => m.seq > state.unreadFrom && m.sender_id !== state.me.user_id);
   for (const message of messages) {
     const thisDay = dayOf(message.created_at);
     if (thisDay !== day) {
@@ -406,15 +515,24 @@ function renderMessages(scrollToEnd = false) {
       separator.textContent = thisDay;
       list.append(separator);
     }
+    if (message === unread[0]) {
+      const divider = document.createElement('li');
+      divider.id = 'unread-divider';
+      divider.className = 'unread-divider';
+      divider.textContent = unread.length === 1 ? '1 unread message' : `${unread.length} unread messages`;
+      list.append(divider);
+    }
     const mine = message.sender_id === state.me.user_id;
-    list.append(messageItem(message.kind === 'system' ? describeSystem(message) : message.body, {
+    const item = messageItem(message.kind === 'system' ? describeSystem(message) : message.body, {
       mine,
       system: message.kind === 'system',
       status: mine && message.kind !== 'system' ? statusOf(message, summary) : null,
       time: message.created_at,
       sender: summary?.kind === 'group' && !mine && message.kind !== 'system'
         ? (state.names.get(message.sender_id) ?? 'someone') : null,
-    }));
+    });
+    item.dataset.seq = String(message.seq);
+    list.append(item);
   }
   for (const pending of state.outbox) {
     if (pending.thread_id !== state.current && !(pending.to && state.pendingPeer?.username === pending.to && !state.current)) continue;
@@ -430,6 +548,7 @@ function renderMessages(scrollToEnd = false) {
   }
   renderTyping();
   if (scrollToEnd || nearBottom) list.scrollTop = list.scrollHeight;
+  renderJump();
 }
 
 function messageItem(text, { mine, system, status, time, sender }) {
@@ -563,6 +682,7 @@ async function renderDetails() {
   setting('muted', 'Mute', 'Unmute');
   setting('pinned', 'Pin', 'Unpin');
   setting('archived', 'Archive', 'Unarchive');
+  $('nickname-value').value = summary.nickname ?? '';
   const group = summary.kind === 'group';
   $('group-controls').hidden = !group;
   if (!group) return;
@@ -586,7 +706,9 @@ async function renderPeople() {
   const contacts = $('contacts');
   const devices = $('devices');
   try {
-    const [book, mine] = await Promise.all([request({ type: 'contacts' }), request({ type: 'devices' })]);
+    const [book, mine, me] = await Promise.all([
+      request({ type: 'contacts' }), request({ type: 'devices' }), apiGet('/v1/me')]);
+    $('hide-last-seen').checked = me.hide_last_seen;
     contacts.replaceChildren();
     for (const contact of book.contacts) {
       const act2 = (action) => button(action[0].toUpperCase() + action.slice(1), () => act('people-error',
@@ -597,8 +719,9 @@ async function renderPeople() {
       if (contact.state === 'friend') buttons.push(act2('remove'));
       buttons.push(contact.blocked ? act2('unblock') : act2('block'));
       const what = contact.blocked ? 'blocked' : (contact.state ?? '');
+      const shown = contact.alias ? `${contact.alias} (${contact.username})` : contact.username;
       const online = contact.state === 'friend' ? (contact.online ? ' · online' : '') : '';
-      contacts.append(row(`${contact.username} — ${what}${online}`, ...buttons));
+      contacts.append(row(`${shown} — ${what}${online}`, ...buttons));
     }
     devices.replaceChildren();
     for (const device of mine.devices) {
@@ -638,6 +761,7 @@ function initDialogs() {
     { type: 'leave_group', thread_id: state.current }, async () => {
       $('details').close();
       state.messages.delete(state.current);
+      state.more.delete(state.current);
       state.current = null;
       $('composer').hidden = true;
       $('open-details').hidden = true;
@@ -645,6 +769,17 @@ function initDialogs() {
       $('chat-title').textContent = 'Pick a conversation';
       await refreshThreads();
     }));
+  $('nickname').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const nickname = $('nickname-value').value.trim();
+    act('details-error', { type: 'thread_settings', thread_id: state.current, nickname }, async () => {
+      await refreshThreads();
+      $('chat-title').textContent = threadName(state.threads.get(state.current));
+      renderDetails();
+    });
+  });
+  $('hide-last-seen').addEventListener('change', (event) => act('people-error',
+    { type: 'set_privacy', hide_last_seen: event.target.checked }, renderPeople));
   $('add-contact').addEventListener('submit', (event) => {
     event.preventDefault();
     const user = $('add-contact-user').value.trim().toLowerCase();
@@ -706,8 +841,14 @@ function init() {
     state.lastTypingSent = 0;
     send(text);
   });
+  $('jump').addEventListener('click', () => {
+    const list = $('messages');
+    list.scrollTop = list.scrollHeight;
+  });
   $('messages').addEventListener('scroll', async () => {
     const list = $('messages');
+    renderJump();
+    markRead();
     if (list.scrollTop < 40 && state.current && state.more.get(state.current)) {
       state.more.set(state.current, false);
       const before = list.scrollHeight;

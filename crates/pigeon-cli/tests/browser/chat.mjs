@@ -111,35 +111,67 @@ try {
   await alice.page.waitForSelector('#threads li >> text=bob · pinned');
   check(await alice.page.locator('#messages li.day').count() >= 1, 'a day separator');
 
-  // Sixty more messages (sent over HTTP with alice's token): bob's page shows the newest
-  // fifty and loads the older ones when he scrolls up.
+  // Sixty more messages (sent over HTTP with alice's token) while bob's page has no chat
+  // open: he opens it at an "unread" divider above the first of them, the newest is read
+  // only once he scrolls down to it, and the "newest" button counts what arrives meanwhile.
+  await bob.page.reload();
+  await bob.page.waitForSelector('#threads li >> text=alice');
   const token = await alice.page.evaluate(() => localStorage.getItem('pigeon.token'));
   const threadId = await alice.page.evaluate(() => document.querySelector('#threads li.active').dataset.thread);
-  for (let n = 0; n < 60; n += 1) {
+  const rpcSend = async (n) => {
     const sent = await fetch(`${base}/v1/rpc`, {
       method: 'POST',
       headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
       body: JSON.stringify({ type: 'send', id: n, thread_id: threadId, client_msg_id: `bulk-${n}`, body: `bulk ${n}` }),
     });
     check(sent.ok, `rpc send ${n}: ${sent.status}`);
-  }
-  await bob.page.reload();
+  };
+  for (let n = 0; n < 60; n += 1) await rpcSend(n);
+  await bob.page.waitForSelector('#threads li .badge:text("60")');
   await bob.page.click('#threads li >> text=alice');
-  await bob.page.waitForSelector('#messages li >> text=bulk 59');
-  check(await bob.page.locator('#messages li', { hasText: 'hello bob' }).count() === 0, 'the oldest are not loaded yet');
+  await bob.page.waitForSelector('#unread-divider:text("60 unread messages")');
+  check(await bob.page.evaluate(() => {
+    const divider = document.querySelector('#unread-divider');
+    return divider.nextElementSibling.textContent.startsWith('bulk 0');
+  }), 'the divider stands right above the first unread message');
+  await bob.page.waitForSelector('#jump:not([hidden])');
+  await alice.page.waitForSelector('#messages li.mine:has-text("bulk 59") .meta[data-status="delivered"]');
+  await rpcSend(60);
+  await bob.page.waitForSelector('#jump:text("↓ 1 new")');
+  await shot(bob.page, 'unread.png');
+  check(await alice.page.locator('#messages li.mine:has-text("bulk 59") .meta[data-status="read"]').count() === 0,
+    'not read while out of view');
+  await bob.page.click('#jump');
+  await bob.page.waitForSelector('#jump', { state: 'hidden' });
+  await alice.page.waitForSelector('#messages li.mine:has-text("bulk 60") .meta[data-status="read"]');
+  await bob.page.waitForFunction(() => document.title === 'Pigeon');
+
+  // After a reload alice is still logged in and sees the history: the newest fifty,
+  // then the older ones when she scrolls up.
+  await alice.page.reload();
+  await alice.page.waitForSelector('#threads li >> text=bob');
+  await alice.page.click('#threads li >> text=bob');
+  await alice.page.waitForSelector('#messages li >> text=bulk 60');
+  await alice.page.waitForSelector('#messages li >> text=bulk 11');
+  check(await alice.page.locator('#messages li', { hasText: 'hello bob' }).count() === 0, 'the oldest are not loaded yet');
+  check(await alice.page.locator('#unread-divider').count() === 0, 'her own messages are not unread');
   // Scroll to the top (again, if a render moved it) until the older page is in.
-  await bob.page.waitForFunction(() => {
+  await alice.page.waitForFunction(() => {
     const list = document.querySelector('#messages');
     list.scrollTop = 0;
     return [...list.children].some((li) => li.textContent.startsWith('hello bob'));
   }, null, { polling: 300 });
 
-  // After a reload alice is still logged in and sees the history.
-  await alice.page.reload();
-  await alice.page.waitForSelector('#threads li >> text=bob');
-  await alice.page.click('#threads li >> text=bob');
-  await alice.page.waitForSelector('#messages li >> text=bulk 59');
-  await alice.page.waitForSelector('#messages li >> text=bulk 10');
+  // A private name for the chat, seen only in alice's list.
+  await alice.page.click('#open-details');
+  await alice.page.fill('#nickname-value', 'Bobby B');
+  await alice.page.press('#nickname-value', 'Enter');
+  await alice.page.waitForSelector('#threads li >> text=Bobby B');
+  await alice.page.waitForSelector('#chat-title:text("Bobby B")');
+  await alice.page.fill('#nickname-value', '');
+  await alice.page.press('#nickname-value', 'Enter');
+  await alice.page.waitForSelector('#chat-title:text-is("bob")');
+  await alice.page.keyboard.press('Escape');
 
   // A group of three.
   const carol = await person('carol');
@@ -159,6 +191,11 @@ try {
   check((await fromCarol.textContent()).startsWith('carol'), 'group messages name their sender');
   // Both others have the group open: alice's message is read by all.
   await alice.page.waitForSelector('#messages li.mine:has-text("hi all") .meta[data-status="read"]');
+  // Still after a reload, from the members' markers rather than live receipts.
+  await alice.page.reload();
+  await alice.page.click('#threads li >> text=trio');
+  await alice.page.waitForSelector('#messages li.mine:has-text("hi all") .meta[data-status="read"]');
+  await alice.page.waitForSelector('#messages li:not(.mine):has-text("hi from carol") .sender:text("carol")');
   await shot(alice.page, 'group.png');
 
   // The group's details: rename it (the others see the new title), mute it.
@@ -178,11 +215,18 @@ try {
   await alice.page.keyboard.press('Escape');
   await alice.page.waitForSelector('#details', { state: 'hidden' });
   await alice.page.waitForSelector('#threads li >> text=trio two · muted');
-  // Archived chats move under their own heading, and come back.
+  // Archived chats fold away under one row, open on request, and come back.
   await alice.page.click('#open-details');
   await alice.page.click('#toggle-archive');
   await alice.page.waitForSelector('#toggle-archive:text("Unarchive")');
-  await alice.page.waitForSelector('#threads li.heading:text("Archived") ~ li >> text=trio two');
+  await alice.page.keyboard.press('Escape');
+  await alice.page.waitForSelector('#toggle-archived:has-text("Archived (1)")');
+  await alice.page.click('#threads li >> text=bob');
+  await alice.page.waitForFunction(() => ![...document.querySelectorAll('#threads li')].some((li) => li.textContent.includes('trio two')));
+  await alice.page.click('#toggle-archived');
+  await alice.page.waitForSelector('#threads li.heading ~ li >> text=trio two');
+  await alice.page.click('#threads li >> text=trio two');
+  await alice.page.click('#open-details');
   await alice.page.click('#toggle-archive');
   await alice.page.waitForSelector('#toggle-archive:text-is("Archive")');
   await alice.page.keyboard.press('Escape');
@@ -198,7 +242,15 @@ try {
   await alice.page.waitForSelector('#devices li >> text=(this one)');
   await alice.page.click('#contacts li:has-text("bob") button:text("Accept")');
   await alice.page.waitForSelector('#contacts li >> text=bob — friend');
+  // Hiding her last-seen time sticks (the dialog reads it back from the server).
+  await alice.page.check('#hide-last-seen');
+  await alice.page.waitForFunction(() => document.querySelector('#people-error').textContent === '');
   await shot(alice.page, 'people.png');
+  await alice.page.keyboard.press('Escape');
+  await alice.page.reload();
+  await alice.page.waitForSelector('#threads li >> text=bob');
+  await alice.page.click('#open-people');
+  await alice.page.waitForSelector('#hide-last-seen:checked');
   await alice.page.keyboard.press('Escape');
 
   // Carol leaves the group: it is gone from her list.
@@ -226,7 +278,8 @@ try {
   await bob.page.waitForSelector('#messages li >> text=sent while the server was down', { timeout: 30000 });
   const copies = await bob.page.locator('#messages li', { hasText: 'sent while the server was down' }).count();
   check(copies === 1, `the queued message arrived once, not ${copies} times`);
-  check(await bob.page.locator('#messages li', { hasText: 'hello bob' }).count() === 1, 'history kept, once');
+  const kept = await bob.page.locator('#messages li', { hasText: 'hello bob' }).count();
+  check(kept === 1, `history kept, once (${kept} times)`);
 
   // Alice blocks bob: his next message fails, with a retry; once unblocked, the retry
   // delivers it.

@@ -75,6 +75,17 @@ async fn friend_requests_presence_privacy_and_blocks_end_to_end() {
     assert!(query.get("last_seen").is_none(), "{query}");
     let mut a = alice.connect(&server).await;
     b.event_of("presence").await;
+    // A client reads the setting back (to show its switch) from /v1/me.
+    let me: Value = reqwest::Client::new()
+        .get(server.url("/v1/me"))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["hide_last_seen"], true, "{me}");
 
     // Alice blocks bob. He learns only what each refused action tells him.
     let blocked = a
