@@ -72,6 +72,7 @@ function browserName() {
 async function logout() {
   try { await api('/v1/logout', {}, state.token); } catch { /* the token is dropped either way */ }
   localStorage.removeItem(TOKEN_KEY);
+  if (state.me) localStorage.removeItem(outboxKey());
   location.reload();
 }
 
@@ -130,6 +131,7 @@ async function onWelcome(frame) {
   state.connected = true;
   state.backoff = 500;
   state.me = { user_id: frame.user_id, username: frame.username };
+  restoreOutbox();
   $('banner').hidden = true;
   $('me-name').textContent = frame.username;
   // Events missed while disconnected would leave holes in the threads not open: they
@@ -541,7 +543,7 @@ function renderMessages(scrollToEnd = false) {
       const retry = document.createElement('button');
       retry.className = 'small secondary retry';
       retry.textContent = 'Retry';
-      retry.addEventListener('click', () => { pending.failed = false; renderMessages(); transmit(pending); });
+      retry.addEventListener('click', () => { pending.failed = false; saveOutbox(); renderMessages(); transmit(pending); });
       item.append(retry);
     }
     list.append(item);
@@ -589,12 +591,39 @@ function describeSystem(message) {
 
 // ---- Sending ----------------------------------------------------------------------
 
+// The outbox is kept in localStorage, per user, so a send that is pending (or failed)
+// when the tab is closed or reloaded goes out (or can be retried) next time, with its
+// original client_msg_id: the server's dedupe makes that safe.
+const outboxKey = () => `pigeon.outbox.${state.me.user_id}`;
+let outboxRestored = false;
+
+function saveOutbox() {
+  if (!state.me) return;
+  if (state.outbox.length === 0) localStorage.removeItem(outboxKey());
+  else localStorage.setItem(outboxKey(), JSON.stringify(state.outbox));
+}
+
+function restoreOutbox() {
+  if (outboxRestored) return;
+  outboxRestored = true;
+  let kept = [];
+  try { kept = JSON.parse(localStorage.getItem(outboxKey()) ?? '[]'); } catch { /* unreadable: nothing kept */ }
+  const held = new Set(state.outbox.map((p) => p.client_msg_id));
+  for (const pending of kept) {
+    if (pending && typeof pending.client_msg_id === 'string' && typeof pending.body === 'string' && !held.has(pending.client_msg_id)) {
+      state.outbox.push({ client_msg_id: pending.client_msg_id, thread_id: pending.thread_id, to: pending.to, body: pending.body, failed: Boolean(pending.failed) });
+    }
+  }
+  saveOutbox();
+}
+
 function send(body) {
   const pending = { client_msg_id: crypto.randomUUID(), body, failed: false };
   if (state.current) pending.thread_id = state.current;
   else if (state.pendingPeer) pending.to = state.pendingPeer.username;
   else return;
   state.outbox.push(pending);
+  saveOutbox();
   renderMessages(true);
   transmit(pending);
 }
@@ -613,11 +642,13 @@ async function transmit(pending) {
         state.outbox = state.outbox.filter((p) => p !== pending);
         $('new-chat-error').textContent = `There is no user ${pending.to}`;
       }
+      saveOutbox();
       renderMessages();
     }
     return;
   }
   state.outbox = state.outbox.filter((p) => p !== pending);
+  saveOutbox();
   store({
     thread_id: sent.thread_id, seq: sent.seq, message_id: sent.message_id, sender_id: state.me.user_id,
     client_msg_id: sent.client_msg_id, kind: 'text', body: pending.body, created_at: sent.server_time,

@@ -289,6 +289,10 @@ try {
   await bob.page.fill('#body', 'are you there?');
   await bob.page.press('#body', 'Enter');
   await bob.page.waitForSelector('#messages li.mine .meta[data-status="failed"]');
+  // The failed send is kept across a reload (the outbox is in localStorage).
+  await bob.page.reload();
+  await bob.page.click('#threads li >> text=alice');
+  await bob.page.waitForSelector('#messages li.mine:has-text("are you there?") .meta[data-status="failed"]');
   await alice.page.click('#contacts li:has-text("bob") button:text("Unblock")');
   await alice.page.waitForSelector('#contacts li:has-text("bob") button:text("Block")');
   await alice.page.keyboard.press('Escape');
