@@ -218,7 +218,7 @@ function renderThreads() {
     badge.textContent = summary.unread > 0 && summary.thread_id !== state.current ? String(summary.unread) : '';
     const preview = document.createElement('span');
     preview.className = 'preview';
-    preview.textContent = summary.last_message ? summary.last_message.body : '';
+    preview.textContent = previewOf(summary.last_message);
     item.append(name, badge, preview);
     item.addEventListener('click', () => openThread(summary.thread_id));
     list.append(item);
@@ -228,6 +228,14 @@ function renderThreads() {
 
 /// Most older pages loaded on opening a thread to reach its first unread message.
 const UNREAD_PAGES = 10;
+
+/// One line for the conversation list: the text, or what a group change did; "You: "
+/// before my own.
+function previewOf(message) {
+  if (!message) return '';
+  if (message.kind === 'system') return describeSystem(message);
+  return message.sender_id === state.me?.user_id ? `You: ${message.body}` : message.body;
+}
 
 async function openThread(threadId) {
   state.current = threadId;
@@ -660,7 +668,7 @@ async function transmit(pending) {
     return;
   }
   const summary = state.threads.get(sent.thread_id);
-  summary.last_message = { body: pending.body };
+  summary.last_message = { body: pending.body, kind: 'text', sender_id: state.me.user_id };
   summary.updated_at = sent.server_time;
   summary.read_seq = Math.max(summary.read_seq ?? 0, sent.seq);
   renderThreads();

@@ -153,6 +153,8 @@ try {
   await alice.page.click('#threads li >> text=bob');
   await alice.page.waitForSelector('#messages li >> text=bulk 60');
   await alice.page.waitForSelector('#messages li >> text=bulk 11');
+  await alice.page.waitForSelector('#threads li:has-text("bob") .preview:text-is("You: bulk 60")');
+  await bob.page.waitForSelector('#threads li:has-text("alice") .preview:text-is("bulk 60")');
   check(await alice.page.locator('#messages li', { hasText: 'hello bob' }).count() === 0, 'the oldest are not loaded yet');
   check(await alice.page.locator('#unread-divider').count() === 0, 'her own messages are not unread');
   // Scroll to the top (again, if a render moved it) until the older page is in.
@@ -210,6 +212,7 @@ try {
   await alice.page.fill('#rename-title', 'trio two');
   await alice.page.press('#rename-title', 'Enter');
   await bob.page.waitForSelector('#threads li >> text=trio two');
+  await bob.page.waitForSelector('#threads li:has-text("trio two") .preview:text-is("alice changed the group")');
   await alice.page.click('#toggle-mute');
   await alice.page.waitForSelector('#toggle-mute:text("Unmute")');
   await alice.page.keyboard.press('Escape');
