@@ -459,7 +459,8 @@ async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: 
             Step::Answer(text) => {
                 let mut bytes = Vec::new();
                 push_frame(&mut bytes, text);
-                if write_frames(socket, &bytes).await.is_err() {
+                // Boxed, like a batch: the write's state lives only while it is written.
+                if Box::pin(write_frames(state, socket, &bytes)).await.is_err() {
                     return End::Gone;
                 }
                 state.metrics.frames_out.increment(1);
@@ -493,9 +494,18 @@ fn push_frame(out: &mut Vec<u8>, text: Utf8Bytes) {
 /// tungstenite still holds (a pong), so the order on the wire is kept. The bytes are the
 /// caller's and are freed after the write: an idle socket keeps no write buffer, whatever
 /// it once sent (tungstenite's buffer never shrinks).
-async fn write_frames(socket: &mut Socket, bytes: &[u8]) -> std::io::Result<()> {
-    socket.flush().await.map_err(std::io::Error::other)?;
-    socket.get_mut().write_all(bytes).await
+///
+/// A client that stops reading would otherwise hold its session (and its presence)
+/// forever: TCP keeps a zero window open indefinitely. A write that cannot finish within
+/// the heartbeat timeout ends the session; the client reconnects and syncs.
+async fn write_frames(state: &AppState, socket: &mut Socket, bytes: &[u8]) -> std::io::Result<()> {
+    let write = async {
+        socket.flush().await.map_err(std::io::Error::other)?;
+        socket.get_mut().write_all(bytes).await
+    };
+    timeout(state.config.heartbeat_timeout, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Writes one queued event and whatever else is already queued, in one write.
@@ -522,7 +532,9 @@ async fn write_batch(
             None => break,
         }
     }
-    write_frames(socket, &bytes).await.map_err(|_| End::Gone)?;
+    write_frames(state, socket, &bytes)
+        .await
+        .map_err(|_| End::Gone)?;
     state.metrics.frames_out.increment(written);
     close_after.map_or(Ok(()), Err)
 }
@@ -551,8 +563,9 @@ fn error_frame(id: Option<ReqId>, error: &ChatError) -> ServerFrame {
 }
 
 async fn send_frame(state: &AppState, socket: &mut Socket, frame: &ServerFrame) -> Result<(), ()> {
-    let text = encode(frame).ok_or(())?;
-    socket.send(Message::Text(text)).await.map_err(|_| ())?;
+    let mut bytes = Vec::new();
+    push_frame(&mut bytes, encode(frame).ok_or(())?);
+    write_frames(state, socket, &bytes).await.map_err(|_| ())?;
     state.metrics.frames_out.increment(1);
     Ok(())
 }
@@ -563,9 +576,12 @@ async fn finish(socket: &mut Socket, end: End) {
             code: CloseCode::from(code),
             reason: Utf8Bytes::from_static(reason),
         };
-        let _ = socket.send(Message::Close(Some(frame))).await;
-        // Give the peer a moment to answer the close, as RFC 6455 asks; never wait long.
+        // Give the peer a moment to take the close and answer it, as RFC 6455 asks; never
+        // wait long (a peer that stopped reading cannot even take the close frame).
         let _ = timeout(std::time::Duration::from_secs(2), async {
+            if socket.send(Message::Close(Some(frame))).await.is_err() {
+                return;
+            }
             while let Some(Ok(message)) = socket.next().await {
                 if matches!(message, Message::Close(_)) {
                     break;

@@ -27,6 +27,7 @@ const state = {
   unreadFrom: null, // the open thread's read marker when it was opened, for the divider
   newBelow: 0, // messages that arrived below the view while scrolled up
   showArchived: false,
+  floors: new Map(), // thread_id -> seqs up to here that history does not return are hidden from me
 };
 
 // ---- HTTP account endpoints -------------------------------------------------------
@@ -141,8 +142,10 @@ async function onWelcome(frame) {
     state.messages.delete(threadId);
     state.more.delete(threadId);
   }
+  const current = state.current;
   await refreshThreads();
-  if (state.current) await catchUp(state.current).catch(() => {});
+  if (current && state.more.has(current)) await catchUp(current).catch(() => {});
+  else if (current) await loadOlder(current).then(() => renderMessages(true)).catch(() => {});
   // Sends queued while offline go out once, in order, with their original ids.
   for (const pending of [...state.outbox]) if (!pending.failed) await transmit(pending);
 }
@@ -259,9 +262,10 @@ async function openThread(threadId) {
       await catchUp(threadId);
     }
     // Back to the first unread message, so the divider has something above it.
-    for (let page = 0; state.unreadFrom !== null && page < UNREAD_PAGES; page += 1) {
+    const unreadFrom = state.unreadFrom;
+    for (let page = 0; unreadFrom !== null && page < UNREAD_PAGES; page += 1) {
       const oldest = Math.min(...held(threadId).keys());
-      if (oldest <= state.unreadFrom + 1 || !state.more.get(threadId)) break;
+      if (state.current !== threadId || oldest <= unreadFrom + 1 || !state.more.get(threadId)) break;
       await loadOlder(threadId);
     }
   } catch {
@@ -353,11 +357,28 @@ async function loadOlder(threadId) {
 }
 
 /// Fetches what arrived in a thread while this page was not listening.
+/// The newest seq held with every seq from the oldest held up to it also held: seqs have
+/// no gaps, so a hole means events were missed (a dropped socket), and catching up must
+/// start below it, not after the newest message that happened to arrive.
+function contiguousNewest(threadId) {
+  // Seqs up to the floor that the server did not return are hidden from me (I was out
+  // of the group then): not a hole.
+  const floor = state.floors.get(threadId) ?? 0;
+  const seqs = [...held(threadId).keys()].sort((a, b) => a - b);
+  let newest = seqs.length ? seqs[0] : 0;
+  for (const seq of seqs) {
+    if (seq > newest + 1 && seq - 1 > floor) break;
+    newest = seq;
+  }
+  return newest;
+}
+
 async function catchUp(threadId) {
-  const messages = held(threadId);
-  let after = messages.size ? Math.max(...messages.keys()) : 0;
+  let after = contiguousNewest(threadId);
   for (;;) {
     const page = await request({ type: 'history', thread_id: threadId, after, limit: 200 });
+    const first = page.messages[0]?.seq;
+    if (first > after + 1) state.floors.set(threadId, Math.max(state.floors.get(threadId) ?? 0, first - 1));
     page.messages.forEach(store);
     if (!page.more || page.messages.length === 0) break;
     after = page.messages[page.messages.length - 1].seq;
@@ -383,23 +404,25 @@ function onMessage(message) {
   if (message.kind === 'system' && summary.kind === 'group' && message.thread_id === state.current) {
     loadMembers(message.thread_id);
   }
-  if (message.thread_id === state.current && document.visibilityState === 'visible') {
-    const below = !atBottom();
+  const open = message.thread_id === state.current;
+  const below = open && !atBottom();
+  if (open) {
     renderMessages();
-    if (below && message.sender_id !== state.me.user_id) {
-      // Not in view yet: counted on the "newest" button, read once scrolled to.
-      state.newBelow += 1;
-      summary.unread += 1;
-      if (!summary.muted) state.totalUnread += 1;
-      request({ type: 'mark', thread_id: message.thread_id, seq: message.seq, kind: 'delivered' }).catch(() => {});
-      renderJump();
-    } else {
-      markRead();
-    }
-  } else if (message.sender_id !== state.me.user_id) {
+    // A hole below it: events were missed; fetch them.
+    if (contiguousNewest(message.thread_id) < message.seq) catchUp(message.thread_id).catch(() => {});
+  }
+  if (message.sender_id === state.me.user_id) {
+    // From another device of mine: the server moved my read marker with it.
+    advanceRead(summary, message.seq);
+  } else if (open && !below && document.visibilityState === 'visible') {
+    markRead();
+  } else {
+    // Not seen yet (another chat, scrolled up, or the tab in the background).
+    if (below) state.newBelow += 1;
     summary.unread += 1;
     if (!summary.muted) state.totalUnread += 1;
     request({ type: 'mark', thread_id: message.thread_id, seq: message.seq, kind: 'delivered' }).catch(() => {});
+    if (open) renderJump();
   }
   renderThreads();
 }
@@ -463,16 +486,24 @@ function newestSeen() {
   return newest;
 }
 
+/// Moves a thread's read marker (locally) and recounts its unread messages and the total.
+/// Returns whether it moved.
+function advanceRead(summary, seq) {
+  if (seq <= (summary.read_seq ?? 0)) return false;
+  summary.last_seq = Math.max(summary.last_seq ?? 0, seq);
+  const unread = Math.max(0, summary.last_seq - seq);
+  if (!summary.muted) state.totalUnread = Math.max(0, state.totalUnread - (summary.unread - unread));
+  summary.read_seq = seq;
+  summary.unread = unread;
+  return true;
+}
+
 /// Moves the read marker up to the newest message in view, when the page is visible.
 async function markRead() {
   const summary = state.threads.get(state.current);
   if (!summary || document.visibilityState !== 'visible') return;
   const seen = newestSeen();
-  if (seen > (summary.read_seq ?? 0)) {
-    const unread = Math.max(0, (summary.last_seq ?? seen) - seen);
-    if (!summary.muted) state.totalUnread = Math.max(0, state.totalUnread - (summary.unread - unread));
-    summary.read_seq = seen;
-    summary.unread = unread;
+  if (advanceRead(summary, seen)) {
     renderThreads();
     await request({ type: 'mark', thread_id: state.current, seq: seen, kind: 'read' }).catch(() => {});
   }
@@ -551,7 +582,7 @@ function renderMessages(scrollToEnd = false) {
       const retry = document.createElement('button');
       retry.className = 'small secondary retry';
       retry.textContent = 'Retry';
-      retry.addEventListener('click', () => { pending.failed = false; saveOutbox(); renderMessages(); transmit(pending); });
+      retry.addEventListener('click', () => { pending.failed = false; outboxPut(pending); renderMessages(); transmit(pending); });
       item.append(retry);
     }
     list.append(item);
@@ -601,28 +632,51 @@ function describeSystem(message) {
 
 // The outbox is kept in localStorage, per user, so a send that is pending (or failed)
 // when the tab is closed or reloaded goes out (or can be retried) next time, with its
-// original client_msg_id: the server's dedupe makes that safe.
+// original client_msg_id: the server's dedupe makes that safe. Entries are added and
+// removed one at a time, so two tabs of one user do not overwrite each other's.
 const outboxKey = () => `pigeon.outbox.${state.me.user_id}`;
 let outboxRestored = false;
 
-function saveOutbox() {
+function storedOutbox() {
+  try {
+    const list = JSON.parse(localStorage.getItem(outboxKey()) ?? '[]');
+    return Array.isArray(list) ? list.filter((p) => p && typeof p.client_msg_id === 'string' && typeof p.body === 'string') : [];
+  } catch {
+    return []; // unreadable: nothing kept
+  }
+}
+
+function writeOutbox(list) {
+  if (list.length === 0) localStorage.removeItem(outboxKey());
+  else localStorage.setItem(outboxKey(), JSON.stringify(list));
+}
+
+/// Stores (or updates) one pending send.
+function outboxPut(pending) {
   if (!state.me) return;
-  if (state.outbox.length === 0) localStorage.removeItem(outboxKey());
-  else localStorage.setItem(outboxKey(), JSON.stringify(state.outbox));
+  const list = storedOutbox().filter((p) => p.client_msg_id !== pending.client_msg_id);
+  const { client_msg_id, thread_id, to, body, failed } = pending;
+  list.push({ client_msg_id, thread_id, to, body, failed });
+  writeOutbox(list);
+}
+
+/// Forgets one send: acknowledged, or impossible.
+function outboxDrop(clientMsgId) {
+  if (!state.me) return;
+  writeOutbox(storedOutbox().filter((p) => p.client_msg_id !== clientMsgId));
 }
 
 function restoreOutbox() {
   if (outboxRestored) return;
   outboxRestored = true;
-  let kept = [];
-  try { kept = JSON.parse(localStorage.getItem(outboxKey()) ?? '[]'); } catch { /* unreadable: nothing kept */ }
   const held = new Set(state.outbox.map((p) => p.client_msg_id));
-  for (const pending of kept) {
-    if (pending && typeof pending.client_msg_id === 'string' && typeof pending.body === 'string' && !held.has(pending.client_msg_id)) {
-      state.outbox.push({ client_msg_id: pending.client_msg_id, thread_id: pending.thread_id, to: pending.to, body: pending.body, failed: Boolean(pending.failed) });
-    }
+  for (const pending of storedOutbox()) {
+    // A failed first message to a new chat has nowhere to be shown: dropped.
+    if (pending.failed && !pending.thread_id) { outboxDrop(pending.client_msg_id); continue; }
+    if (held.has(pending.client_msg_id)) continue;
+    state.outbox.push({ client_msg_id: pending.client_msg_id, thread_id: pending.thread_id, to: pending.to, body: pending.body, failed: Boolean(pending.failed) });
   }
-  saveOutbox();
+  for (const pending of state.outbox) outboxPut(pending);
 }
 
 function send(body) {
@@ -631,7 +685,7 @@ function send(body) {
   else if (state.pendingPeer) pending.to = state.pendingPeer.username;
   else return;
   state.outbox.push(pending);
-  saveOutbox();
+  outboxPut(pending);
   renderMessages(true);
   transmit(pending);
 }
@@ -648,15 +702,17 @@ async function transmit(pending) {
       pending.failed = true;
       if (error.code === 'unknown_user') {
         state.outbox = state.outbox.filter((p) => p !== pending);
+        outboxDrop(pending.client_msg_id);
         $('new-chat-error').textContent = `There is no user ${pending.to}`;
+      } else {
+        outboxPut(pending);
       }
-      saveOutbox();
       renderMessages();
     }
     return;
   }
   state.outbox = state.outbox.filter((p) => p !== pending);
-  saveOutbox();
+  outboxDrop(pending.client_msg_id);
   store({
     thread_id: sent.thread_id, seq: sent.seq, message_id: sent.message_id, sender_id: state.me.user_id,
     client_msg_id: sent.client_msg_id, kind: 'text', body: pending.body, created_at: sent.server_time,
@@ -670,7 +726,8 @@ async function transmit(pending) {
   const summary = state.threads.get(sent.thread_id);
   summary.last_message = { body: pending.body, kind: 'text', sender_id: state.me.user_id };
   summary.updated_at = sent.server_time;
-  summary.read_seq = Math.max(summary.read_seq ?? 0, sent.seq);
+  // Sending moved my read marker to it (the server does so with no event).
+  advanceRead(summary, sent.seq);
   renderThreads();
   if (sent.thread_id === state.current) renderMessages(true);
 }
@@ -901,7 +958,7 @@ function init() {
       list.scrollTop = list.scrollHeight - before;
     }
   });
-  document.addEventListener('visibilitychange', markRead);
+  document.addEventListener('visibilitychange', () => { renderJump(); markRead(); });
   document.addEventListener('keydown', (event) => {
     if (event.key === 'Escape') { $('new-chat-error').textContent = ''; $('login-error').textContent = ''; }
   });

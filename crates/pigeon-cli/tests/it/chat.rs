@@ -345,11 +345,16 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_its_sync_has_everyt
         Some(1013),
         "a socket that fell too far behind is closed with 1013 (try again later)"
     );
-    let received = stalled.events.len();
-    assert!(
-        received < total,
-        "bob received {received} of {total} live: the test did not back up his socket"
-    );
+    // What he got live is exactly the first messages, in order: nothing skipped.
+    let live: Vec<String> = stalled
+        .events
+        .iter()
+        .filter(|event| event["type"] == "message")
+        .map(|event| event["client_msg_id"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: Vec<String> = (0..live.len()).map(|n| format!("m{n}")).collect();
+    assert_eq!(live, expected);
+    assert!(live.len() < total, "the test did not back up bob's socket");
 
     // Nothing was dropped: the reconnected client syncs all of it, in order.
     let mut again = bob.connect(&server).await;
@@ -358,4 +363,43 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_its_sync_has_everyt
     for (n, message) in synced.iter().enumerate() {
         assert_eq!(message["client_msg_id"], format!("m{n}"), "{message}");
     }
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_again_is_let_go_after_the_heartbeat_timeout() {
+    let server = Server::start(&[
+        "--send-queue",
+        "8",
+        "--heartbeat-timeout",
+        "2",
+        "--rate-limit",
+        "10000",
+        "--rate-burst",
+        "10000",
+    ]);
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let mut sender = alice.connect(&server).await;
+    let stalled = bob.connect_small_window(&server).await;
+    let body = "x".repeat(15 * 1024);
+    let mut n = 0;
+    while server.metric("pigeon_slow_consumer_closes_total").await < 1.0 {
+        assert!(n < 5_000, "bob's socket never backed up");
+        for _ in 0..50 {
+            send(&mut sender, &bob.user_id, &format!("m{n}"), &body).await;
+            n += 1;
+        }
+    }
+    // Bob's socket is never read again: its session must not hold on to it (and to his
+    // presence) forever. Alice keeps pinging, so only his connection goes.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    while server.metric("pigeon_connections_open").await > 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled connection was never let go"
+        );
+        sender.ping().await;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    drop(stalled);
 }
