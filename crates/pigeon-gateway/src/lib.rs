@@ -61,9 +61,21 @@ impl Default for GatewayConfig {
     }
 }
 
-/// State shared by every handler.
+/// State shared by every handler: one pointer, because every WebSocket session keeps it
+/// for its whole life (an idle connection's memory is counted in bytes; this was 80).
 #[derive(Clone)]
-pub(crate) struct AppState {
+pub(crate) struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] points to.
+pub(crate) struct Shared {
     pub(crate) chat: Arc<ChatService>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) polls: Arc<longpoll::PollSessions>,
@@ -109,7 +121,7 @@ pub fn router(
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) -> Router {
-    let state = AppState {
+    let state = AppState(Arc::new(Shared {
         limits: Arc::new(http::Limits::new(&config)),
         polls: Arc::new(longpoll::PollSessions::default()),
         config: Arc::new(config),
@@ -119,7 +131,7 @@ pub fn router(
         prometheus,
         cancel,
         tasks,
-    };
+    }));
     state.tasks.spawn(sweep(state.clone()));
     let max_body = state.config.max_frame_bytes;
     Router::new()
