@@ -1,22 +1,112 @@
 //! `group`: one group of M members, all connected; S of them send at a total rate R.
 //! Reports deliveries per second and the time from a send to its last member.
 
+use std::borrow::Cow;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use pigeon_client::Rpc;
 use pigeon_proto::{ClientFrame, ServerFrame, ThreadId};
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use super::common::{self, Sink};
+use super::common::{self, Sink, Socket};
 use super::{BenchArgs, Rate};
+
+/// How often a member that only listens pings, well inside the server's default
+/// heartbeat timeout, so runs longer than it keep their sockets.
+const PING_EVERY: Duration = Duration::from_secs(20);
 
 /// Per message: deliveries so far, and the latest delivery (µs after the send).
 struct Tally {
     deliveries: AtomicU64,
     last_us: AtomicU64,
+}
+
+/// What a member needs of an event: its type and a message's body, borrowed from the
+/// frame. A full typed parse of every frame (ids, strings) made the bench's receivers,
+/// which share the cores with the server, a large part of the measured fan-out time.
+#[derive(serde::Deserialize)]
+struct Incoming<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    body: Option<Cow<'a, str>>,
+}
+
+/// What every member's reader shares.
+#[derive(Clone)]
+struct Counting {
+    tallies: Arc<Vec<Tally>>,
+    duplicates: Arc<AtomicU64>,
+    start: Instant,
+}
+
+impl Counting {
+    /// Counts one text frame: a message's body is `n:sent_at_us:padding`.
+    fn frame(&self, text: &str, seen: &mut HashSet<usize>) {
+        let Ok(event) = serde_json::from_str::<Incoming<'_>>(text) else {
+            return;
+        };
+        let (true, Some(body)) = (event.kind == "message", event.body) else {
+            return;
+        };
+        let mut parts = body.split(':');
+        let (Some(Ok(n)), Some(Ok(at))) = (
+            parts.next().map(str::parse::<usize>),
+            parts.next().map(str::parse::<u64>),
+        ) else {
+            return;
+        };
+        if !seen.insert(n) {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(tally) = self.tallies.get(n) {
+            tally.deliveries.fetch_add(1, Ordering::Relaxed);
+            tally.last_us.fetch_max(
+                common::micros_since(self.start).saturating_sub(at),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// A member that only listens: reads its own socket (no split) and pings.
+    async fn listen(self, mut socket: Socket) {
+        let mut seen = HashSet::new();
+        let mut next_ping = tokio::time::Instant::now() + PING_EVERY;
+        loop {
+            tokio::select! {
+                incoming = socket.next() => match incoming {
+                    Some(Ok(WsMessage::Text(text))) => self.frame(&text, &mut seen),
+                    Some(Ok(WsMessage::Close(_)) | Err(_)) | None => return,
+                    Some(Ok(_)) => {}
+                },
+                () = tokio::time::sleep_until(next_ping) => {
+                    let ping = json!({"type": "ping", "id": 0}).to_string();
+                    if socket.send(WsMessage::Text(ping.into())).await.is_err() {
+                        return;
+                    }
+                    next_ping += PING_EVERY;
+                }
+            }
+        }
+    }
+
+    /// The reading half of a sender's socket (its sends keep it alive).
+    async fn read(self, mut stream: common::Stream) {
+        let mut seen = HashSet::new();
+        while let Some(incoming) = stream.next().await {
+            match incoming {
+                Ok(WsMessage::Text(text)) => self.frame(&text, &mut seen),
+                Ok(WsMessage::Close(_)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
 }
 
 pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value> {
@@ -80,38 +170,21 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
     let deadline = tokio::time::Instant::now() + run_for;
     let cpu_before = args.server_pid.and_then(common::cpu_time);
 
+    let counting = Counting {
+        tallies: tallies.clone(),
+        duplicates: duplicates.clone(),
+        start,
+    };
     let mut sinks = Vec::new();
     let mut readers = Vec::new();
-    for socket in sockets {
-        let (sink, mut stream) = socket.split();
-        sinks.push(sink);
-        let tallies = tallies.clone();
-        let duplicates = duplicates.clone();
-        readers.push(tokio::spawn(async move {
-            let mut seen = std::collections::HashSet::new();
-            while let Some(frame) = common::next_frame(&mut stream).await {
-                if let ServerFrame::Message(message) = frame {
-                    let mut parts = message.body.split(':');
-                    let (Some(Ok(n)), Some(Ok(at))) = (
-                        parts.next().map(str::parse::<usize>),
-                        parts.next().map(str::parse::<u64>),
-                    ) else {
-                        continue;
-                    };
-                    if !seen.insert(n) {
-                        duplicates.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if let Some(tally) = tallies.get(n) {
-                        tally.deliveries.fetch_add(1, Ordering::Relaxed);
-                        tally.last_us.fetch_max(
-                            common::micros_since(start).saturating_sub(at),
-                            Ordering::Relaxed,
-                        );
-                    }
-                }
-            }
-        }));
+    for (index, socket) in sockets.into_iter().enumerate() {
+        if index < senders {
+            let (sink, stream) = socket.split();
+            sinks.push(sink);
+            readers.push(tokio::spawn(counting.clone().read(stream)));
+        } else {
+            readers.push(tokio::spawn(counting.clone().listen(socket)));
+        }
     }
     let progress = common::Progress::start("group".into(), args.duration, args.json);
     let interval = match args.rate {
