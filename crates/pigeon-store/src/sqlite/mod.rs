@@ -1,4 +1,5 @@
-//! The embedded SQLite backend: one writer thread with group commit, a pool of readers.
+//! The embedded SQLite backend: one writer thread with group commit, a pool of readers,
+//! and one thread for the session-token lookup.
 //!
 //! Every write is a job sent to the writer thread. The writer takes all jobs waiting,
 //! runs each in its own savepoint inside one transaction, writes per-thread metadata once,
@@ -65,7 +66,11 @@ impl SqliteConfig {
 pub struct SqliteStore {
     jobs: mpsc::Sender<Command>,
     readers: Pool,
+    lookups: std::sync::mpsc::Sender<Lookup>,
 }
+
+/// A point lookup for the lookup thread.
+type Lookup = Box<dyn FnOnce(&Connection) + Send>;
 
 /// A unit of work for the writer: runs inside a savepoint and returns whether it succeeded
 /// (else its savepoint is rolled back) and what to do once the transaction's fate is known.
@@ -114,6 +119,26 @@ impl SqliteStore {
             .build()
             .map_err(|e| StoreError::Internal(e.to_string()))?;
 
+        let lookup_conn = Connection::open_with_flags(
+            &config.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(map_err)?;
+        lookup_conn
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(map_err)?;
+        let (lookups_tx, lookups_rx) = std::sync::mpsc::channel::<Lookup>();
+        std::thread::Builder::new()
+            .name("pigeon-sqlite-lookups".into())
+            .spawn(move || {
+                // Takes whatever is queued without sleeping between: under load (a burst of
+                // connects) one wakeup serves many lookups.
+                while let Ok(lookup) = lookups_rx.recv() {
+                    lookup(&lookup_conn);
+                }
+            })
+            .map_err(|e| StoreError::Internal(format!("spawn lookups: {e}")))?;
+
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
         std::thread::Builder::new()
             .name("pigeon-sqlite-writer".into())
@@ -122,6 +147,7 @@ impl SqliteStore {
         Ok(Self {
             jobs: jobs_tx,
             readers,
+            lookups: lookups_tx,
         })
     }
 
@@ -171,6 +197,27 @@ impl SqliteStore {
         done_rx
             .await
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+
+    /// Runs a point lookup (one indexed row, nothing that can take long: everything queued
+    /// behind it waits) on the one lookup thread. The pool hands every read to a blocking
+    /// thread, and those handoffs' context switches were a third of the server's CPU while
+    /// sockets connected; one thread draining a queue wakes once per burst instead. Used
+    /// for the session-token lookup of every connect and HTTP request.
+    async fn lookup<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.lookups
+            .send(Box::new(move |conn| {
+                let _ = done_tx.send(work(conn));
+            }))
+            .map_err(|_| StoreError::Unavailable("store is closed".into()))?;
+        done_rx
+            .await
+            .map_err(|_| StoreError::Unavailable("lookup thread stopped".into()))?
     }
 
     /// Runs `work` on a pooled reader connection.
@@ -275,7 +322,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_device_by_token(&self, token_hash: [u8; 32]) -> Result<Option<(Device, User)>> {
-        self.read(move |conn| {
+        self.lookup(move |conn| {
             Ok(conn
                 .prepare_cached(
                     "SELECT d.id, d.user_id, d.name, d.created_at, d.last_seen_at,
