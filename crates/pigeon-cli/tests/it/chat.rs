@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::support::{Server, Ws, send, sync_all};
+use crate::support::{Device, Server, Ws, send, sync_all};
 
 /// Collects the message events a device sees until it holds `total` messages of the thread
 /// (counting its own sends, whose acks it already has).
@@ -313,33 +313,64 @@ async fn sigterm_closes_sockets_with_going_away_and_exits_cleanly() {
     assert_eq!(code.await.unwrap(), Some(1001));
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_closed_with_1013_and_its_sync_has_everything() {
-    let server = Server::start(&[
+/// What [`stall_bob`] leaves: the server, bob, alice's socket, bob's stalled socket and
+/// how many messages alice sent (`m0`, `m1`, …).
+struct Stalled {
+    server: Server,
+    bob: Device,
+    sender: Ws,
+    stalled: Ws,
+    sent: usize,
+}
+
+/// A server (with `extra` flags) holding at most 8 queued events per socket, alice
+/// connected, and bob on a socket with a tiny receive window that is not read. Alice
+/// sends 15 KiB messages to bob until the server gives up on his queue (how much the
+/// kernel buffers first depends on its TCP settings; bounded).
+async fn stall_bob(extra: &[&str]) -> Stalled {
+    let mut args = vec![
         "--send-queue",
         "8",
         "--rate-limit",
         "10000",
         "--rate-burst",
         "10000",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start(&args);
     let alice = server.user("alice").await;
     let bob = server.user("bob").await;
     let mut sender = alice.connect(&server).await;
-    // Bob's socket stops being read: the kernel's buffers fill, then his queue of 8.
-    let mut stalled = bob.connect_small_window(&server).await;
+    let stalled = bob.connect_small_window(&server).await;
     let body = "x".repeat(15 * 1024);
-    // Sent until the server gives up on bob (how much the kernel buffers first depends on
-    // its TCP settings), bounded.
-    let mut total = 0;
+    let mut sent = 0;
     while server.metric("pigeon_slow_consumer_closes_total").await < 1.0 {
-        assert!(total < 5_000, "bob's socket never backed up");
+        assert!(sent < 5_000, "bob's socket never backed up");
         for _ in 0..50 {
             // The sender is never held up by a slow receiver.
-            send(&mut sender, &bob.user_id, &format!("m{total}"), &body).await;
-            total += 1;
+            send(&mut sender, &bob.user_id, &format!("m{sent}"), &body).await;
+            sent += 1;
         }
     }
+    Stalled {
+        server,
+        bob,
+        sender,
+        stalled,
+        sent,
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_with_1013_and_its_sync_has_everything() {
+    let Stalled {
+        server,
+        bob,
+        mut stalled,
+        sent: total,
+        ..
+    } = stall_bob(&[]).await;
+    // Bob reads again: first what was queued, then the close.
     assert_eq!(
         stalled.close_code().await,
         Some(1013),
@@ -367,29 +398,12 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_its_sync_has_everyt
 
 #[tokio::test]
 async fn a_client_that_never_reads_again_is_let_go_after_the_heartbeat_timeout() {
-    let server = Server::start(&[
-        "--send-queue",
-        "8",
-        "--heartbeat-timeout",
-        "2",
-        "--rate-limit",
-        "10000",
-        "--rate-burst",
-        "10000",
-    ]);
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    let mut sender = alice.connect(&server).await;
-    let stalled = bob.connect_small_window(&server).await;
-    let body = "x".repeat(15 * 1024);
-    let mut n = 0;
-    while server.metric("pigeon_slow_consumer_closes_total").await < 1.0 {
-        assert!(n < 5_000, "bob's socket never backed up");
-        for _ in 0..50 {
-            send(&mut sender, &bob.user_id, &format!("m{n}"), &body).await;
-            n += 1;
-        }
-    }
+    let Stalled {
+        server,
+        mut sender,
+        stalled,
+        ..
+    } = stall_bob(&["--heartbeat-timeout", "2"]).await;
     // Bob's socket is never read again: its session must not hold on to it (and to his
     // presence) forever. Alice keeps pinging, so only his connection goes.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
