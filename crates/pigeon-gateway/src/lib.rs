@@ -1,6 +1,6 @@
 //! The connection service: the HTTP API, the WebSocket gateway and the long-poll endpoint.
 //!
-//! It knows connections, not storage: requests go to [`ChatService`](pigeon_core::ChatService),
+//! It knows connections, not storage: requests go to [`ChatService`],
 //! and the bus hands events back through the [`Registry`] of this node's connections.
 
 mod http;

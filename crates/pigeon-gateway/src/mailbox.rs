@@ -1,8 +1,9 @@
 //! A socket's outbound queue: events the bus hands over, waiting for the session to write them.
 //!
-//! Most connections are idle most of the time, so the queue holds no buffer while it is
-//! empty: a `VecDeque` allocates on the first event and is dropped again once a burst has
-//! been written. A channel crate would allocate its nodes, its sender handle and its
+//! Most connections are idle most of the time, so the queue holds no buffer until its first
+//! event. Then a `VecDeque` of a few slots is kept (so fan-out to a member does not
+//! allocate per event), and a buffer a burst grew past [`KEEP_CAPACITY`] slots is dropped
+//! once it has been written. A channel crate would allocate its nodes, its sender handle and its
 //! parking queue up front for every connection (about 250 B each, measured), and its
 //! sender needs `&mut` to send, which forced the registry to write-lock a shard per
 //! delivery. The mailbox is one small allocation, shared by the registry (producer, many
@@ -36,7 +37,7 @@ pub(crate) enum Refused {
     Closing,
 }
 
-/// Queue depth above which a drained queue gives its buffer back.
+/// Slots a drained queue may keep; a larger buffer is given back.
 const KEEP_CAPACITY: usize = 8;
 
 struct Queue {

@@ -138,9 +138,7 @@ async function onWelcome(frame) {
   // Events missed while disconnected would leave holes in the threads not open: they
   // load afresh when next opened. The open one catches up now.
   for (const threadId of [...state.messages.keys()]) {
-    if (threadId === state.current) continue;
-    state.messages.delete(threadId);
-    state.more.delete(threadId);
+    if (threadId !== state.current) forget(threadId);
   }
   const current = state.current;
   await refreshThreads();
@@ -386,6 +384,18 @@ async function catchUp(threadId) {
   if (threadId === state.current) renderMessages();
 }
 
+/// Tells the sender a message reached this device (received, not yet seen).
+function markDelivered(message) {
+  request({ type: 'mark', thread_id: message.thread_id, seq: message.seq, kind: 'delivered' }).catch(() => {});
+}
+
+/// Drops what is held of a thread: it loads afresh when next opened.
+function forget(threadId) {
+  state.messages.delete(threadId);
+  state.more.delete(threadId);
+  state.floors.delete(threadId);
+}
+
 function onMessage(message) {
   store(message);
   const summary = state.threads.get(message.thread_id);
@@ -394,7 +404,7 @@ function onMessage(message) {
   if (!summary) {
     // Received, not yet seen: the sender learns it was delivered.
     if (message.sender_id !== state.me.user_id) {
-      request({ type: 'mark', thread_id: message.thread_id, seq: message.seq, kind: 'delivered' }).catch(() => {});
+      markDelivered(message);
     }
     return;
   }
@@ -421,7 +431,7 @@ function onMessage(message) {
     if (below) state.newBelow += 1;
     summary.unread += 1;
     if (!summary.muted) state.totalUnread += 1;
-    request({ type: 'mark', thread_id: message.thread_id, seq: message.seq, kind: 'delivered' }).catch(() => {});
+    markDelivered(message);
     if (open) renderJump();
   }
   renderThreads();
@@ -797,13 +807,19 @@ async function renderDetails() {
   }
 }
 
+let peopleRenders = 0;
+
 async function renderPeople() {
   $('people-error').textContent = '';
   const contacts = $('contacts');
   const devices = $('devices');
+  // Renders overlap (opening the dialog, then an action), and /v1/me goes over HTTP, not
+  // in order with the socket's answers: only the latest render may draw.
+  const render = ++peopleRenders;
   try {
     const [book, mine, me] = await Promise.all([
       request({ type: 'contacts' }), request({ type: 'devices' }), apiGet('/v1/me')]);
+    if (render !== peopleRenders) return;
     $('hide-last-seen').checked = me.hide_last_seen;
     contacts.replaceChildren();
     for (const contact of book.contacts) {
@@ -826,7 +842,7 @@ async function renderPeople() {
       devices.append(row(`${device.name}${device.current ? ' (this one)' : ''}`, ...revoke));
     }
   } catch (error) {
-    $('people-error').textContent = error.message;
+    if (render === peopleRenders) $('people-error').textContent = error.message;
   }
 }
 
@@ -856,8 +872,7 @@ function initDialogs() {
   $('leave').addEventListener('click', () => act('details-error',
     { type: 'leave_group', thread_id: state.current }, async () => {
       $('details').close();
-      state.messages.delete(state.current);
-      state.more.delete(state.current);
+      forget(state.current);
       state.current = null;
       $('composer').hidden = true;
       $('open-details').hidden = true;

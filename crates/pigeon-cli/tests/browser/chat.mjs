@@ -44,6 +44,12 @@ async function person(name) {
   return { page, problems };
 }
 
+// Types `text` into the field and presses Enter (which sends or submits).
+async function enter(page, selector, text) {
+  await page.fill(selector, text);
+  await page.press(selector, 'Enter');
+}
+
 async function shot(page, file) {
   if (shots) await page.screenshot({ path: `${shots}/${file}` });
 }
@@ -58,10 +64,8 @@ try {
   check(csp.includes("script-src 'self'") && csp.includes("default-src 'none'"), `CSP header: ${csp}`);
 
   // Alice starts a chat with bob and writes to him.
-  await alice.page.fill('#new-chat-user', 'bob');
-  await alice.page.press('#new-chat-user', 'Enter');
-  await alice.page.fill('#body', 'hello bob');
-  await alice.page.press('#body', 'Enter');
+  await enter(alice.page, '#new-chat-user', 'bob');
+  await enter(alice.page, '#body', 'hello bob');
   await alice.page.waitForSelector('#messages li.mine >> text=hello bob');
   await alice.page.waitForSelector('#messages li.mine .meta[data-status="sent"], #messages li.mine .meta[data-status="delivered"]');
 
@@ -87,8 +91,7 @@ try {
 
   // A message with markup shows as text and runs nothing.
   const hostile = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">';
-  await bob.page.fill('#body', hostile);
-  await bob.page.press('#body', 'Enter');
+  await enter(bob.page, '#body', hostile);
   const shown = await alice.page.waitForSelector('#messages li:not(.mine) >> text=<script>');
   const text = await shown.evaluate((node) => node.firstChild.textContent);
   check(text === hostile, `markup shown as text: ${text}`);
@@ -166,29 +169,24 @@ try {
 
   // A private name for the chat, seen only in alice's list.
   await alice.page.click('#open-details');
-  await alice.page.fill('#nickname-value', 'Bobby B');
-  await alice.page.press('#nickname-value', 'Enter');
+  await enter(alice.page, '#nickname-value', 'Bobby B');
   await alice.page.waitForSelector('#threads li >> text=Bobby B');
   await alice.page.waitForSelector('#chat-title:text("Bobby B")');
-  await alice.page.fill('#nickname-value', '');
-  await alice.page.press('#nickname-value', 'Enter');
+  await enter(alice.page, '#nickname-value', '');
   await alice.page.waitForSelector('#chat-title:text-is("bob")');
   await alice.page.keyboard.press('Escape');
 
   // A group of three.
   const carol = await person('carol');
   await alice.page.fill('#new-group-title', 'trio');
-  await alice.page.fill('#new-group-members', 'bob, carol');
-  await alice.page.press('#new-group-members', 'Enter');
+  await enter(alice.page, '#new-group-members', 'bob, carol');
   await alice.page.waitForSelector('#chat-title:text("trio")');
-  await alice.page.fill('#body', 'hi all');
-  await alice.page.press('#body', 'Enter');
+  await enter(alice.page, '#body', 'hi all');
   for (const member of [bob, carol]) {
     await member.page.click('#threads li >> text=trio');
     await member.page.waitForSelector('#messages li >> text=hi all');
   }
-  await carol.page.fill('#body', 'hi from carol');
-  await carol.page.press('#body', 'Enter');
+  await enter(carol.page, '#body', 'hi from carol');
   const fromCarol = await alice.page.waitForSelector('#messages li:not(.mine) >> text=hi from carol');
   check((await fromCarol.textContent()).startsWith('carol'), 'group messages name their sender');
   // Both others have the group open: alice's message is read by all.
@@ -206,11 +204,9 @@ try {
   // Remove carol and add her back.
   await alice.page.click('#members li:has-text("carol") button:text("Remove")');
   await alice.page.waitForFunction(() => ![...document.querySelectorAll('#members li')].some((li) => li.textContent.includes('carol')));
-  await alice.page.fill('#add-member-user', 'carol');
-  await alice.page.press('#add-member-user', 'Enter');
+  await enter(alice.page, '#add-member-user', 'carol');
   await alice.page.waitForSelector('#members li >> text=carol');
-  await alice.page.fill('#rename-title', 'trio two');
-  await alice.page.press('#rename-title', 'Enter');
+  await enter(alice.page, '#rename-title', 'trio two');
   await bob.page.waitForSelector('#threads li >> text=trio two');
   await bob.page.waitForSelector('#threads li:has-text("trio two") .preview:text-is("alice changed the group")');
   await alice.page.click('#toggle-mute');
@@ -237,8 +233,7 @@ try {
 
   // Contacts: bob asks alice to be friends, she accepts; she sees her own device.
   await bob.page.click('#open-people');
-  await bob.page.fill('#add-contact-user', 'alice');
-  await bob.page.press('#add-contact-user', 'Enter');
+  await enter(bob.page, '#add-contact-user', 'alice');
   await bob.page.waitForSelector('#contacts li >> text=alice — requested');
   await bob.page.keyboard.press('Escape');
   await alice.page.click('#open-people');
@@ -270,8 +265,7 @@ try {
   await bob.page.click('#threads li >> text=alice');
   await server('STOP');
   await alice.page.waitForSelector('#banner:not([hidden])');
-  await alice.page.fill('#body', 'sent while the server was down');
-  await alice.page.press('#body', 'Enter');
+  await enter(alice.page, '#body', 'sent while the server was down');
   await alice.page.waitForSelector('#messages li.mine .meta[data-status="pending"]');
   await shot(alice.page, 'offline.png');
   await server('START');
@@ -289,15 +283,18 @@ try {
   await alice.page.click('#open-people');
   await alice.page.click('#contacts li:has-text("bob") button:text("Block")');
   await alice.page.waitForSelector('#contacts li >> text=bob — blocked');
-  await bob.page.fill('#body', 'are you there?');
-  await bob.page.press('#body', 'Enter');
+  await enter(bob.page, '#body', 'are you there?');
   await bob.page.waitForSelector('#messages li.mine .meta[data-status="failed"]');
   // The failed send is kept across a reload (the outbox is in localStorage).
   await bob.page.reload();
   await bob.page.click('#threads li >> text=alice');
   await bob.page.waitForSelector('#messages li.mine:has-text("are you there?") .meta[data-status="failed"]');
   await alice.page.click('#contacts li:has-text("bob") button:text("Unblock")');
-  await alice.page.waitForSelector('#contacts li:has-text("bob") button:text("Block")');
+  // Unblocking does not restore the friendship the block ended, so bob may leave the
+  // book altogether (waiting for a "Block" button here raced a stale render).
+  await alice.page.waitForFunction(() => ![...document.querySelectorAll('#contacts li')]
+    .some((li) => li.textContent.includes('bob — blocked')));
+  check(await alice.page.locator('#people-error').innerText() === '', 'the unblock was accepted');
   await alice.page.keyboard.press('Escape');
   await bob.page.click('#messages button.retry');
   await alice.page.waitForSelector('#messages li:not(.mine) >> text=are you there?');

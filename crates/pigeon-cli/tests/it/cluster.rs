@@ -13,14 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
 use pigeon_client::{Client, ClientConfig, Event, Events, Target};
 use pigeon_proto::{MessageKind, ThreadId};
 use pigeon_store::testing::TestDatabase;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{PASSWORD, Server, WAIT, send};
+use crate::support::{PASSWORD, Server, WAIT, send, send_texts};
 
 const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 
@@ -302,26 +301,7 @@ impl Burst {
         let sends = [(a_client, a_name, b_name), (b_client, b_name, a_name)]
             .into_iter()
             .map(|(client, from, to)| {
-                let client = client.clone();
-                let acked = acked.clone();
-                tokio::spawn(async move {
-                    futures::stream::iter(0..per_client)
-                        .map(|n| {
-                            let client = client.clone();
-                            let acked = acked.clone();
-                            async move {
-                                let sent = client
-                                    .send_text(Target::User(to.into()), format!("{from} {n}"))
-                                    .await
-                                    .unwrap();
-                                acked.fetch_add(1, Ordering::Relaxed);
-                                sent.seq
-                            }
-                        })
-                        .buffer_unordered(32)
-                        .collect::<Vec<u64>>()
-                        .await
-                })
+                send_texts(client.clone(), to, from, per_client, 32, acked.clone())
             })
             .collect();
         Self {

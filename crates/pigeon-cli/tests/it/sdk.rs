@@ -5,11 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::Duration;
 
-use futures::StreamExt;
 use pigeon_client::{Client, ClientConfig, Event, Events, Target, Transport};
 use tokio::sync::Mutex;
 
-use crate::support::{PASSWORD, Server};
+use crate::support::{PASSWORD, Server, send_texts};
 
 /// Collects message events until `count` have arrived; returns (seq, body) in arrival order.
 async fn collect(mut events: Events, count: usize) -> Vec<(u64, String)> {
@@ -52,25 +51,7 @@ async fn two_clients_keep_every_message_across_two_server_crashes() {
 
     let acked = Arc::new(AtomicUsize::new(0));
     let sender = |client: Client, to: &'static str, from: &'static str| {
-        let acked = acked.clone();
-        tokio::spawn(async move {
-            futures::stream::iter(0..per_client)
-                .map(|n| {
-                    let client = client.clone();
-                    let acked = acked.clone();
-                    async move {
-                        let sent = client
-                            .send_text(Target::User(to.into()), format!("{from} {n}"))
-                            .await
-                            .unwrap();
-                        acked.fetch_add(1, AtomicOrdering::Relaxed);
-                        sent.seq
-                    }
-                })
-                .buffer_unordered(64)
-                .collect::<Vec<u64>>()
-                .await
-        })
+        send_texts(client, to, from, per_client, 64, acked.clone())
     };
     let from_alice = sender(alice.clone(), "bob", "alice");
     let from_bob = sender(bob.clone(), "alice", "bob");

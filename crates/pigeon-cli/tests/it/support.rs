@@ -492,3 +492,36 @@ pub(crate) async fn sync_all(ws: &mut Ws, page: u32) -> Vec<Value> {
         }
     }
 }
+
+/// Sends `count` texts ("{from} {n}") to the user `to` through the SDK, `in_flight` at a
+/// time, counting each ack in `acked` as it comes; resolves to the acked seqs.
+pub(crate) fn send_texts(
+    client: pigeon_client::Client,
+    to: &'static str,
+    from: &'static str,
+    count: usize,
+    in_flight: usize,
+    acked: Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        futures::stream::iter(0..count)
+            .map(|n| {
+                let client = client.clone();
+                let acked = acked.clone();
+                async move {
+                    let sent = client
+                        .send_text(
+                            pigeon_client::Target::User(to.into()),
+                            format!("{from} {n}"),
+                        )
+                        .await
+                        .unwrap();
+                    acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    sent.seq
+                }
+            })
+            .buffer_unordered(in_flight)
+            .collect::<Vec<u64>>()
+            .await
+    })
+}

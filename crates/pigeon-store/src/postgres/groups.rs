@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::Shared;
 use super::error::PgResult;
 use super::messages::{LOCK_THREAD, write_message};
-use super::sql::{execute, query, query_opt, user_ids, uuids};
+use super::sql::{execute, lock_users, query, query_opt, user_ids, uuids};
 use super::user_events::append_user_events;
 use crate::common::{check_group_change, now_ms, participants_hash, to_i64, to_u64};
 use crate::{Actor, GroupChange, GroupChanged, GroupLimits, NewGroup, SettingsPatch, StoreError};
@@ -377,14 +377,7 @@ async fn check_new_members(
     limits: GroupLimits,
 ) -> PgResult<()> {
     let ids = uuids(users);
-    // One after the other: a statement cached on this connection would otherwise be
-    // sent before an earlier one still being prepared, and run first.
-    query(
-        tx,
-        "SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-        &[&ids],
-    )
-    .await?;
+    lock_users(tx, &ids).await?;
     let rows = query(
             tx,
             "SELECT u.id,

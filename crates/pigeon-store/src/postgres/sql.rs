@@ -107,6 +107,19 @@ pub(super) fn user_ids(row: &Row, at: usize) -> PgResult<Vec<UserId>> {
     Ok(ids.into_iter().map(UserId::from_uuid).collect())
 }
 
+/// Locks these users' rows until COMMIT, in id order, so writers that lock overlapping
+/// sets wait for each other instead of deadlocking. Awaited before the statements it
+/// protects (see the module comment on ordering).
+pub(super) async fn lock_users<C: GenericClient>(client: &C, ids: &[Uuid]) -> PgResult<()> {
+    query(
+        client,
+        "SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        &[&ids],
+    )
+    .await?;
+    Ok(())
+}
+
 /// The UUIDs of some user ids, as an array parameter.
 pub(super) fn uuids(users: &[UserId]) -> Vec<Uuid> {
     users.iter().map(|user| *user.as_uuid()).collect()

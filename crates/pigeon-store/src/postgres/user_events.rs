@@ -6,7 +6,7 @@ use tokio_postgres::types::ToSql;
 
 use super::Shared;
 use super::error::PgResult;
-use super::sql::{execute, query, query_one, uuids};
+use super::sql::{execute, lock_users, query, query_one, uuids};
 use crate::common::{now_ms, to_i64, to_u64, user_events_prune_upto};
 use crate::{StoreError, UserEventsPage};
 
@@ -22,14 +22,7 @@ pub(super) async fn append_user_events(
     }
     let users: Vec<UserId> = events.iter().map(|(user, _)| *user).collect();
     let ids = uuids(&users);
-    // One after the other: a statement cached on this connection would otherwise be
-    // sent before an earlier one still being prepared, and run first.
-    query(
-        tx,
-        "SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-        &[&ids],
-    )
-    .await?;
+    lock_users(tx, &ids).await?;
     let rows = query(
         tx,
         "UPDATE users SET last_event_seq = last_event_seq + 1 WHERE id = ANY($1)
