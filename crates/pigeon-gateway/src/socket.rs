@@ -30,14 +30,13 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::handshake::derive_accept_key;
-use tungstenite::protocol::frame::Frame;
-use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes};
 
 use crate::AppState;
 use crate::http::{ApiError, bearer_token};
-use crate::mailbox::{Mailbox, Outbound};
+use crate::mailbox::{Mailbox, Outbound, Wire, push_frame};
 use crate::registry::Sink;
 
 /// Most queued events gathered into one write.
@@ -50,7 +49,7 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// is small; a larger frame takes more reads, and the buffer grows while frames queue up.
 const READ_BUFFER: usize = 128;
 
-type Socket = WebSocketStream<TcpStream>;
+type Socket = WebSocketStream<Wire>;
 
 /// `GET /ws`: upgrades to a WebSocket, authenticated by `Authorization: Bearer` or a `hello` frame.
 pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request) -> Response {
@@ -166,12 +165,12 @@ async fn take_over(on_upgrade: OnUpgrade) -> Option<(TcpStream, Vec<u8>)> {
     Some((parts.io.into_inner(), parts.read_buf.to_vec()))
 }
 
-/// Wraps the bare stream as a WebSocket.
-async fn wrap(stream: TcpStream, early: Vec<u8>, config: WebSocketConfig) -> Socket {
+/// Wraps the socket in the mailbox as a WebSocket.
+async fn wrap(wire: Wire, early: Vec<u8>, config: WebSocketConfig) -> Socket {
     if early.is_empty() {
-        WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await
+        WebSocketStream::from_raw_socket(wire, Role::Server, Some(config)).await
     } else {
-        WebSocketStream::from_partially_read(stream, early, Role::Server, Some(config)).await
+        WebSocketStream::from_partially_read(wire, early, Role::Server, Some(config)).await
     }
 }
 
@@ -203,7 +202,11 @@ async fn session(state: AppState, handoff: Box<Handoff>) {
     else {
         return;
     };
+    // From here on, events may be written straight into the socket by the fan-out.
+    mailbox.open();
     let end = serve(&state, &caller, &mut socket, &mailbox).await;
+    // And from here on, never again: the close frame must be the last thing sent.
+    mailbox.stop();
     Box::pin(close(&state, &caller, &mut socket, end)).await;
 }
 
@@ -222,10 +225,17 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
         config,
         pre_auth,
     } = *handoff;
-    let (mut stream, early) = take_over(on_upgrade).await?;
-    let (socket, caller, mailbox) = match pre_auth {
+    let (stream, early) = take_over(on_upgrade).await?;
+    // The mailbox owns the socket (see `mailbox`); it takes no direct writes before `open`.
+    let mailbox = Arc::new(Mailbox::new(
+        state.config.send_queue,
+        state.registry.clock(),
+        Some(stream),
+    ));
+    let mut wire = Wire(mailbox.clone());
+    let (socket, caller) = match pre_auth {
         Some(caller) => {
-            let (caller, mailbox) = register(state, caller).await;
+            let caller = register(state, caller, &mailbox).await;
             // `welcome` goes straight to the stream, framed by tungstenite but before it
             // wraps the stream: its write buffer then stays empty until the first event,
             // which an idle connection never gets.
@@ -235,7 +245,7 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
                 bytes
             });
             let written = match frame {
-                Some(bytes) => stream.write_all(&bytes).await.is_ok(),
+                Some(bytes) => wire.write_all(&bytes).await.is_ok(),
                 None => false,
             };
             if !written {
@@ -243,10 +253,10 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
                 return None;
             }
             state.metrics.frames_out.increment(1);
-            (wrap(stream, early, config).await, caller, mailbox)
+            (wrap(wire, early, config).await, caller)
         }
         None => {
-            let mut socket = wrap(stream, early, config).await;
+            let mut socket = wrap(wire, early, config).await;
             let (caller, hello_id) = match await_hello(state, &mut socket).await {
                 Ok(authed) => authed,
                 Err(end) => {
@@ -254,7 +264,7 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
                     return None;
                 }
             };
-            let (caller, mailbox) = register(state, caller).await;
+            let caller = register(state, caller, &mailbox).await;
             if send_frame(state, &mut socket, &welcome(state, &caller, hello_id))
                 .await
                 .is_err()
@@ -262,7 +272,7 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
                 close(state, &caller, &mut socket, End::Gone).await;
                 return None;
             }
-            (socket, caller, mailbox)
+            (socket, caller)
         }
     };
     let mut socket = socket;
@@ -282,13 +292,9 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
 /// Registers an authenticated connection and counts it for presence. Registered before
 /// `welcome`: anything committed after the client sees `welcome` reaches it live, and
 /// anything before is in its sync.
-async fn register(state: &AppState, mut caller: Caller) -> (Caller, Arc<Mailbox>) {
+async fn register(state: &AppState, mut caller: Caller, mailbox: &Arc<Mailbox>) -> Caller {
     let conn_id = state.registry.next_conn_id();
     caller.conn = Some(conn_id);
-    let mailbox = Arc::new(Mailbox::new(
-        state.config.send_queue,
-        state.registry.clock(),
-    ));
     state.registry.add(
         caller.user_id,
         conn_id,
@@ -297,7 +303,7 @@ async fn register(state: &AppState, mut caller: Caller) -> (Caller, Arc<Mailbox>
     );
     state.metrics.connections_open.increment(1.0);
     state.chat.connection_opened(&caller).await;
-    (caller, mailbox)
+    caller
 }
 
 fn welcome(state: &AppState, caller: &Caller, hello_id: Option<ReqId>) -> ServerFrame {
@@ -383,6 +389,8 @@ type Answer<'a> = Pin<Box<dyn Future<Output = ServerFrame> + Send + 'a>>;
 enum Step {
     /// Write this queued event and whatever else is queued.
     Events(Utf8Bytes),
+    /// Finish a frame the fan-out wrote in part.
+    Tail,
     /// Write this encoded answer.
     Answer(Utf8Bytes),
     /// Nothing to write.
@@ -408,6 +416,7 @@ async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: 
         let step = tokio::select! {
             outbound = mailbox.next() => match outbound {
                 Outbound::Frame(text) => Step::Events(text),
+                Outbound::Tail => Step::Tail,
                 Outbound::Close(code, reason) => Step::End(End::Close(code, reason)),
             },
             answer = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
@@ -456,6 +465,11 @@ async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: 
                     return end;
                 }
             }
+            Step::Tail => {
+                if Box::pin(write_frames(state, socket, &[])).await.is_err() {
+                    return End::Gone;
+                }
+            }
             Step::Answer(text) => {
                 let mut bytes = Vec::new();
                 push_frame(&mut bytes, text);
@@ -482,16 +496,9 @@ fn encode(frame: &ServerFrame) -> Option<Utf8Bytes> {
     }
 }
 
-/// Appends `text` to `out` as one WebSocket text frame (unmasked, as a server sends).
-fn push_frame(out: &mut Vec<u8>, text: Utf8Bytes) {
-    let frame = Frame::message(text, OpCode::Data(Data::Text), true);
-    out.reserve(frame.len());
-    // Writing into a Vec cannot fail.
-    let _ = frame.format(out);
-}
-
-/// Writes frames formatted by [`push_frame`] straight to the TCP stream, after anything
-/// tungstenite still holds (a pong), so the order on the wire is kept. The bytes are the
+/// Writes frames formatted by [`push_frame`] straight to the socket, after anything
+/// tungstenite still holds (a pong) and the rest of a direct write, so the order on the
+/// wire is kept. The bytes are the
 /// caller's and are freed after the write: an idle socket keeps no write buffer, whatever
 /// it once sent (tungstenite's buffer never shrinks).
 ///
@@ -529,12 +536,14 @@ async fn write_batch(
                 close_after = Some(End::Close(code, reason));
                 break;
             }
-            None => break,
+            // A tail goes out first in any write.
+            Some(Outbound::Tail) | None => break,
         }
     }
     write_frames(state, socket, &bytes)
         .await
         .map_err(|_| End::Gone)?;
+    mailbox.written();
     state.metrics.frames_out.increment(written);
     close_after.map_or(Ok(()), Err)
 }
