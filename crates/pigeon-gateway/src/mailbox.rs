@@ -180,7 +180,8 @@ impl Mailbox {
             if let Some(taken) = self.write_now(&mut queue, events) {
                 return Ok(taken);
             }
-            if queue.frames.len() + events.len() > self.capacity {
+            // A run of events longer than the whole queue still fits an empty one.
+            if !queue.frames.is_empty() && queue.frames.len() + events.len() > self.capacity {
                 queue.close = Some(overflow);
                 Err(Refused::Full)
             } else {
@@ -241,9 +242,11 @@ impl Mailbox {
     }
 
     /// The session is ending: nothing is written directly any more (not after its close
-    /// frame, above all).
+    /// frame, above all), and nothing more is queued.
     pub(crate) fn stop(&self) {
-        self.lock().busy = true;
+        let mut queue = self.lock();
+        queue.busy = true;
+        queue.closed = true;
     }
 
     /// The next thing to do, if any is ready now. Taking a frame makes the session busy
@@ -511,9 +514,10 @@ mod tests {
         assert_eq!(mailbox.try_next(), None);
         let expected = framed(&["early", "second", "third", "fourth"].map(frame));
         assert_eq!(read_exactly(&mut client, expected.len()).await, expected);
-        // A stopped session takes no direct writes.
+        // A stopped session takes nothing more.
         mailbox.stop();
-        assert_eq!(push(&mailbox, "late"), Ok(Taken::Queued));
+        assert_eq!(push(&mailbox, "late"), Err(Refused::Closing));
+        assert_eq!(mailbox.try_next(), None);
     }
 
     /// Pushes big events at a socket whose client does not read, until one direct write

@@ -18,6 +18,7 @@ pub(crate) const TOO_FAR_BEHIND: (u16, &str) =
     (close::TRY_AGAIN_LATER, "too far behind; reconnect and sync");
 
 /// Where a connection's events go.
+#[derive(Clone)]
 pub(crate) enum Sink {
     /// A WebSocket session's bounded queue, which also says when its client was last heard from.
     Socket(Arc<Mailbox>),
@@ -43,9 +44,6 @@ struct Conn {
 pub struct Registry {
     conns: Arc<Conns>,
     shards: Vec<Arc<Shard>>,
-    /// Envelopes queued on the shards and not yet delivered. While any are, small envelopes
-    /// queue behind them, so that no event overtakes an earlier one for the same user.
-    pending: Arc<AtomicUsize>,
 }
 
 struct Conns {
@@ -64,6 +62,11 @@ const SHARDED_FROM: usize = 128;
 /// Most envelopes a fan-out thread takes from its queue at a time.
 const MAX_TAKEN: usize = 256;
 
+/// Most envelopes waiting for one fan-out thread. Past this, events arrive faster than the
+/// sockets take them: the users of an envelope that finds the queue full have their
+/// sockets closed with 1013 and sync, as a socket whose own queue is full does.
+const MAX_QUEUED: usize = 65_536;
+
 /// Most events written to a socket in one go by a fan-out thread.
 const MAX_RUN: usize = 64;
 
@@ -74,12 +77,31 @@ const MAX_RUN_BYTES: usize = 64 * 1024;
 struct Shard {
     queue: Mutex<ShardQueue>,
     ready: Condvar,
+    /// Envelopes given to this shard and not yet delivered (or, for those that found the
+    /// queue full, not yet answered by closing their users' sockets). While any are, a
+    /// small envelope for a user of this shard queues behind them instead of being
+    /// written at once, so that no event overtakes an earlier one for the same user.
+    pending: AtomicUsize,
+    /// Most envelopes waiting ([`MAX_QUEUED`]).
+    max_queued: usize,
 }
 
 struct ShardQueue {
     envelopes: VecDeque<Envelope>,
+    /// The member lists of envelopes that found the queue full.
+    lost: Vec<Arc<[UserId]>>,
+    /// Envelopes that found the queue full since the thread last looked.
+    lost_count: usize,
     /// The registry is gone: the thread ends.
     closed: bool,
+}
+
+/// What a fan-out thread takes from its queue at a time.
+#[derive(Default)]
+struct Batch {
+    envelopes: Vec<Envelope>,
+    lost: Vec<Arc<[UserId]>>,
+    lost_count: usize,
 }
 
 impl Default for Registry {
@@ -91,6 +113,10 @@ impl Default for Registry {
 impl Registry {
     /// Creates an empty registry, and its fan-out threads (one per core, at most 8).
     pub fn new() -> Self {
+        Self::build(MAX_QUEUED)
+    }
+
+    fn build(max_queued: usize) -> Self {
         let mut seed = [0u8; 4];
         let _ = getrandom::fill(&mut seed);
         let conns = Arc::new(Conns {
@@ -101,29 +127,28 @@ impl Registry {
             frames_out: metrics::counter!("pigeon_frames_out_total"),
         });
         let count = std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 8));
-        let pending = Arc::new(AtomicUsize::new(0));
         let shards = (0..count)
             .map(|index| {
                 let shard = Arc::new(Shard {
                     queue: Mutex::new(ShardQueue {
                         envelopes: VecDeque::new(),
+                        lost: Vec::new(),
+                        lost_count: 0,
                         closed: false,
                     }),
                     ready: Condvar::new(),
+                    pending: AtomicUsize::new(0),
+                    max_queued,
                 });
-                let (conns, own, pending) = (conns.clone(), shard.clone(), pending.clone());
+                let (conns, own) = (conns.clone(), shard.clone());
                 std::thread::Builder::new()
                     .name(format!("pigeon-fanout-{index}"))
-                    .spawn(move || fan_out(&conns, &own, &pending, index, count))
+                    .spawn(move || fan_out(&conns, &own, index, count))
                     .expect("spawn a fan-out thread");
                 shard
             })
             .collect();
-        Self {
-            conns,
-            shards,
-            pending,
-        }
+        Self { conns, shards }
     }
 
     pub(crate) fn next_conn_id(&self) -> ConnId {
@@ -228,14 +253,29 @@ impl Deliver for Registry {
     }
 
     fn deliver(&self, envelope: &Envelope) {
-        if envelope.users.len() < SHARDED_FROM && self.pending.load(Ordering::Acquire) == 0 {
-            self.conns.deliver(std::slice::from_ref(envelope), |_| true);
+        let count = self.shards.len();
+        if envelope.users.len() >= SHARDED_FROM {
+            for shard in &self.shards {
+                shard.give(envelope);
+            }
             return;
         }
-        self.pending.fetch_add(self.shards.len(), Ordering::AcqRel);
-        for shard in &self.shards {
-            shard.lock().envelopes.push_back(envelope.clone());
-            shard.ready.notify_one();
+        // The shards of its users (at most 8, so a bit each).
+        let touched = envelope
+            .users
+            .iter()
+            .fold(0u8, |bits, user| bits | 1 << shard_of(user, count));
+        let busy = |index: usize| self.shards[index].pending.load(Ordering::Acquire) > 0;
+        if (0..count).any(|index| touched & 1 << index != 0 && busy(index)) {
+            for (index, shard) in self.shards.iter().enumerate() {
+                if touched & 1 << index != 0 {
+                    shard.give(envelope);
+                }
+            }
+        } else {
+            let mut sinks = Vec::new();
+            self.conns
+                .deliver(std::slice::from_ref(envelope), |_| true, &mut sinks);
         }
     }
 }
@@ -247,12 +287,35 @@ impl Shard {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Waits for envelopes and takes up to [`MAX_TAKEN`] of them; `None` once closed.
-    fn take(&self, into: &mut Vec<Envelope>) -> Option<()> {
+    /// Queues an envelope for the thread, or, when the queue is full, notes its users as
+    /// having lost it.
+    fn give(&self, envelope: &Envelope) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        {
+            let mut queue = self.lock();
+            if queue.envelopes.len() < self.max_queued {
+                queue.envelopes.push_back(envelope.clone());
+            } else {
+                queue.lost_count += 1;
+                if !queue
+                    .lost
+                    .iter()
+                    .any(|users| Arc::ptr_eq(users, &envelope.users))
+                {
+                    queue.lost.push(envelope.users.clone());
+                }
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    /// Waits for work and takes up to [`MAX_TAKEN`] envelopes, and what was lost; `false`
+    /// once closed.
+    fn take(&self, into: &mut Batch) -> bool {
         let mut queue = self.lock();
-        while queue.envelopes.is_empty() {
+        while queue.envelopes.is_empty() && queue.lost_count == 0 {
             if queue.closed {
-                return None;
+                return false;
             }
             queue = self
                 .ready
@@ -260,8 +323,19 @@ impl Shard {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         let taken = queue.envelopes.len().min(MAX_TAKEN);
-        into.extend(queue.envelopes.drain(..taken));
-        Some(())
+        into.envelopes.extend(queue.envelopes.drain(..taken));
+        into.lost.append(&mut queue.lost);
+        into.lost_count = std::mem::take(&mut queue.lost_count);
+        true
+    }
+}
+
+/// Lowers a shard's `pending` by what a batch held, however the batch ends.
+struct Done<'a>(&'a AtomicUsize, usize);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
     }
 }
 
@@ -271,14 +345,46 @@ fn shard_of(user: &UserId, count: usize) -> usize {
 }
 
 /// A fan-out thread: delivers what its queue is given to the users of shard `index`.
-fn fan_out(conns: &Conns, shard: &Shard, pending: &AtomicUsize, index: usize, count: usize) {
-    let mut taken = Vec::new();
-    while shard.take(&mut taken).is_some() {
-        conns.deliver(&taken, |user| shard_of(user, count) == index);
-        pending.fetch_sub(taken.len(), Ordering::AcqRel);
-        taken.clear();
+fn fan_out(conns: &Conns, shard: &Shard, index: usize, count: usize) {
+    let mine = |user: &UserId| shard_of(user, count) == index;
+    let mut taken = Batch::default();
+    let mut sinks = Vec::new();
+    while shard.take(&mut taken) {
+        let _done = Done(&shard.pending, taken.envelopes.len() + taken.lost_count);
+        // First the users who missed an event: their sockets close before anything later
+        // could reach them, so none of them sees a gap; they reconnect and sync.
+        for users in &taken.lost {
+            conns.close_sockets_of(users, &mine, TOO_FAR_BEHIND);
+        }
+        if taken.lost_count > 0 {
+            conns.slow_consumers.increment(1);
+            tracing::warn!(
+                shard = index,
+                envelopes = taken.lost_count,
+                "fan-out queue full; closing the sockets that missed events, so they sync"
+            );
+        }
+        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            conns.deliver(&taken.envelopes, &mine, &mut sinks);
+        }));
+        if delivered.is_err() {
+            // A bug; still, the thread goes on, and nobody is left with a silent gap.
+            sinks.clear();
+            tracing::error!(shard = index, "fan-out panicked; closing the sockets it was writing to");
+            for envelope in &taken.envelopes {
+                conns.close_sockets_of(&envelope.users, &mine, LOST);
+            }
+        }
+        taken.envelopes.clear();
+        taken.lost.clear();
     }
 }
+
+/// How a socket is closed when events for it may have been lost.
+const LOST: (u16, &str) = (
+    close::TRY_AGAIN_LATER,
+    "events may have been lost; reconnect and sync",
+);
 
 /// Whether `next` can go out in the same writes as `first`: the same users, the same
 /// connection left out, and both frames.
@@ -292,7 +398,13 @@ fn same_run(first: &Envelope, next: &Envelope) -> bool {
 
 impl Conns {
     /// Delivers envelopes, in order, to the connections of the users `chosen` picks.
-    fn deliver(&self, envelopes: &[Envelope], chosen: impl Fn(&UserId) -> bool) {
+    /// `sinks` is scratch space, kept by the caller so that fan-out does not allocate.
+    fn deliver(
+        &self,
+        envelopes: &[Envelope],
+        chosen: impl Fn(&UserId) -> bool,
+        sinks: &mut Vec<Sink>,
+    ) {
         let mut texts = Vec::new();
         let mut rest = envelopes;
         while let Some(first) = rest.first() {
@@ -317,7 +429,7 @@ impl Conns {
                             .ok(),
                         Payload::CloseDevice(_) => None,
                     }));
-                    self.write(&first.users, first.skip, &texts, &chosen);
+                    self.write(&first.users, first.skip, &texts, &chosen, sinks);
                 }
                 Payload::CloseDevice(device_id) => {
                     self.close_device(&first.users, *device_id, &chosen);
@@ -333,6 +445,7 @@ impl Conns {
         skip: Option<ConnId>,
         texts: &[Utf8Bytes],
         chosen: &impl Fn(&UserId) -> bool,
+        sinks: &mut Vec<Sink>,
     ) {
         if texts.is_empty() {
             return;
@@ -340,11 +453,18 @@ impl Conns {
         let events = Events::new(texts);
         let mut written = 0;
         for user in users.iter().filter(|user| chosen(user)) {
-            let Some(conns) = self.users.get(user) else {
-                continue;
-            };
-            for conn in conns.iter().filter(|conn| Some(conn.id) != skip) {
-                match &conn.sink {
+            // The writes happen after the map's lock is let go: a write into a socket is a
+            // system call, and a connect or disconnect waits for that lock.
+            if let Some(conns) = self.users.get(user) {
+                sinks.extend(
+                    conns
+                        .iter()
+                        .filter(|conn| Some(conn.id) != skip)
+                        .map(|conn| conn.sink.clone()),
+                );
+            }
+            for sink in sinks.drain(..) {
+                match &sink {
                     // Never dropped silently: a full queue closes the socket, and the
                     // client reconnects and syncs.
                     Sink::Socket(mailbox) => match mailbox.push(&events, TOO_FAR_BEHIND) {
@@ -361,6 +481,28 @@ impl Conns {
             }
         }
         self.frames_out.increment(written);
+    }
+
+    /// Closes the sockets of the chosen users with `code` and `reason`.
+    fn close_sockets_of(
+        &self,
+        users: &[UserId],
+        chosen: &impl Fn(&UserId) -> bool,
+        (code, reason): (u16, &'static str),
+    ) {
+        for user in users.iter().filter(|user| chosen(user)) {
+            let Some(conns) = self.users.get(user) else {
+                continue;
+            };
+            for conn in conns.iter() {
+                match &conn.sink {
+                    Sink::Socket(mailbox) => {
+                        mailbox.close(code, reason);
+                    }
+                    Sink::Poll(session) => session.lose(),
+                }
+            }
+        }
     }
 
     fn close_device(
@@ -389,5 +531,98 @@ fn payload_len(envelope: &Envelope) -> usize {
     match &envelope.payload {
         Payload::Frame(bytes) => bytes.len(),
         Payload::CloseDevice(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::mailbox::Outbound;
+
+    #[test]
+    fn a_full_fan_out_queue_closes_the_sockets_that_missed_events() {
+        let registry = Registry::build(1);
+        let user = UserId::new();
+        // No socket in it: every event is queued in the mailbox, where the test reads it.
+        let mailbox = Arc::new(Mailbox::new(64, 0, None));
+        registry.add(user, 1, DeviceId::new(), Sink::Socket(mailbox.clone()));
+        let users: Arc<[UserId]> = std::iter::once(user)
+            .chain((1..SHARDED_FROM).map(|_| UserId::new()))
+            .collect();
+        let envelope = |n: u32| Envelope {
+            users: users.clone(),
+            skip: None,
+            payload: Payload::Frame(Bytes::from(format!("{{\"n\":{n}}}"))),
+        };
+        let shard = &registry.shards[shard_of(&user, registry.shards.len())];
+
+        // Holding the user's entry stops the user's fan-out thread at it, with the first
+        // envelope taken from its queue.
+        let entry = registry.conns.users.get_mut(&user).expect("registered");
+        registry.deliver(&envelope(1));
+        while !shard.lock().envelopes.is_empty() {
+            std::thread::yield_now();
+        }
+        registry.deliver(&envelope(2));
+        registry.deliver(&envelope(3));
+        drop(entry);
+        while shard.pending.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+
+        // The first arrived; the second, though queued, comes after the close; the third
+        // never came. The client reconnects and syncs 2 and 3 from the store.
+        let first = Utf8Bytes::from_static("{\"n\":1}");
+        assert_eq!(mailbox.try_next(), Some(Outbound::Frame(first)));
+        let (code, reason) = TOO_FAR_BEHIND;
+        assert_eq!(mailbox.try_next(), Some(Outbound::Close(code, reason)));
+        assert_eq!(mailbox.try_next(), None);
+    }
+
+    #[test]
+    fn a_small_envelope_waits_behind_a_big_one_for_the_same_user() {
+        let registry = Arc::new(Registry::new());
+        let user = UserId::new();
+        let mailbox = Arc::new(Mailbox::new(64, 0, None));
+        registry.add(user, 1, DeviceId::new(), Sink::Socket(mailbox.clone()));
+        let many: Arc<[UserId]> = std::iter::once(user)
+            .chain((1..SHARDED_FROM).map(|_| UserId::new()))
+            .collect();
+        let frame = |text: &'static str| Payload::Frame(Bytes::from_static(text.as_bytes()));
+        let shard = &registry.shards[shard_of(&user, registry.shards.len())];
+
+        let entry = registry.conns.users.get_mut(&user).expect("registered");
+        registry.deliver(&Envelope {
+            users: many,
+            skip: None,
+            payload: frame("big"),
+        });
+        while !shard.lock().envelopes.is_empty() {
+            std::thread::yield_now();
+        }
+        // From another thread: written at once, it would wait for the entry held here.
+        let (queued_tx, queued_rx) = std::sync::mpsc::channel();
+        let sender = registry.clone();
+        std::thread::spawn(move || {
+            sender.deliver(&Envelope {
+                users: Arc::from([user]),
+                skip: None,
+                payload: frame("small"),
+            });
+            let _ = queued_tx.send(());
+        });
+        let queued = queued_rx.recv_timeout(Duration::from_secs(10)).is_ok();
+        drop(entry);
+        assert!(queued, "the small envelope did not queue behind the big one");
+        while shard.pending.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let next = || match mailbox.try_next() {
+            Some(Outbound::Frame(text)) => text.to_string(),
+            other => panic!("expected a frame, got {other:?}"),
+        };
+        assert_eq!((next(), next()), ("big".into(), "small".into()));
     }
 }

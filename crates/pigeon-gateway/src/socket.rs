@@ -178,7 +178,9 @@ async fn wrap(wire: Wire, early: Vec<u8>, config: WebSocketConfig) -> Socket {
 enum End {
     /// Send a close frame with this code and reason.
     Close(u16, &'static str),
-    /// The peer closed or vanished; nothing to send.
+    /// The peer closed: answer its close frame (tungstenite has the answer queued).
+    Answer,
+    /// The peer vanished; nothing to send.
     Gone,
 }
 
@@ -344,7 +346,8 @@ async fn await_hello(
     let text = loop {
         match tokio::time::timeout_at(deadline, socket.next()).await {
             Err(_) => return Err(End::Close(close::HEARTBEAT_TIMEOUT, "no hello received")),
-            Ok(None | Some(Ok(Message::Close(_)))) => return Err(End::Gone),
+            Ok(None) => return Err(End::Gone),
+            Ok(Some(Ok(Message::Close(_)))) => return Err(End::Answer),
             Ok(Some(Err(error))) => return Err(read_error(error)),
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
             Ok(Some(Ok(Message::Text(text)))) => break text,
@@ -455,7 +458,7 @@ async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: 
                     mailbox.heard_at(state.registry.clock());
                     Step::Idle
                 }
-                Some(Ok(Message::Close(_))) => Step::End(End::Gone),
+                Some(Ok(Message::Close(_))) => Step::End(End::Answer),
             },
         };
         match step {
@@ -580,23 +583,32 @@ async fn send_frame(state: &AppState, socket: &mut Socket, frame: &ServerFrame) 
 }
 
 async fn finish(socket: &mut Socket, end: End) {
-    if let End::Close(code, reason) = end {
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: Utf8Bytes::from_static(reason),
-        };
-        // Give the peer a moment to take the close and answer it, as RFC 6455 asks; never
-        // wait long (a peer that stopped reading cannot even take the close frame).
-        let _ = timeout(std::time::Duration::from_secs(2), async {
-            if socket.send(Message::Close(Some(frame))).await.is_err() {
-                return;
-            }
-            while let Some(Ok(message)) = socket.next().await {
-                if matches!(message, Message::Close(_)) {
-                    break;
+    // Never wait long: a peer that stopped reading cannot even take a close frame.
+    let bound = std::time::Duration::from_secs(2);
+    match end {
+        End::Close(code, reason) => {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: Utf8Bytes::from_static(reason),
+            };
+            // Give the peer a moment to take the close and answer it, as RFC 6455 asks.
+            let _ = timeout(bound, async {
+                if socket.send(Message::Close(Some(frame))).await.is_err() {
+                    return;
                 }
-            }
-        })
-        .await;
+                while let Some(Ok(message)) = socket.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        // tungstenite queued the answer when it read the peer's close; it goes out on the
+        // next write or flush, and there is no next read.
+        End::Answer => {
+            let _ = timeout(bound, socket.flush()).await;
+        }
+        End::Gone => {}
     }
 }

@@ -102,9 +102,7 @@ pub async fn run(
         cancel.clone(),
         tasks.clone(),
     );
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener = listen(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!("pigeon listening on http://{addr}");
 
@@ -159,4 +157,21 @@ fn install_metrics() -> Option<PrometheusHandle> {
             }
         })
         .clone()
+}
+
+/// Pending connections the kernel may hold for `accept`. `TcpListener::bind` asks for 128,
+/// and a burst of connects overflowed it: dropped SYNs are retried a second later, which
+/// halved the connect rate (`TcpExtListenOverflows`). The kernel caps it at `somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the listening socket with a backlog fit for bursts of connects.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

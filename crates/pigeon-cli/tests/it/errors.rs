@@ -302,3 +302,20 @@ async fn malformed_websocket_upgrades_are_refused_before_upgrading() {
         assert_eq!(status, expected, "key {key}, version {version}");
     }
 }
+
+#[tokio::test]
+async fn a_close_from_the_client_is_answered_with_a_close() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let server = Server::start(&[]);
+    let alice = server.user("alice").await;
+    let mut ws = alice.connect(&server).await;
+    ws.send_message(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await;
+    // RFC 6455 §5.5.1: the endpoint that receives a close sends one back.
+    assert_eq!(ws.close_code().await, Some(1000));
+}
