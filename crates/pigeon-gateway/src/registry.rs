@@ -215,7 +215,11 @@ impl Registry {
 
     /// Number of open connections on this node.
     pub fn len(&self) -> usize {
-        self.conns.users.iter().map(|entry| entry.value().len()).sum()
+        self.conns
+            .users
+            .iter()
+            .map(|entry| entry.value().len())
+            .sum()
     }
 
     /// Whether no connection is open.
@@ -365,12 +369,15 @@ fn fan_out(conns: &Conns, shard: &Shard, index: usize, count: usize) {
             );
         }
         let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            conns.deliver(&taken.envelopes, &mine, &mut sinks);
+            conns.deliver(&taken.envelopes, mine, &mut sinks);
         }));
         if delivered.is_err() {
             // A bug; still, the thread goes on, and nobody is left with a silent gap.
             sinks.clear();
-            tracing::error!(shard = index, "fan-out panicked; closing the sockets it was writing to");
+            tracing::error!(
+                shard = index,
+                "fan-out panicked; closing the sockets it was writing to"
+            );
             for envelope in &taken.envelopes {
                 conns.close_sockets_of(&envelope.users, &mine, LOST);
             }
@@ -423,11 +430,13 @@ impl Conns {
                 Payload::Frame(_) => {
                     texts.clear();
                     // Validated once per event; every connection shares the same bytes.
-                    texts.extend(now.iter().filter_map(|envelope| match &envelope.payload {
-                        Payload::Frame(bytes) => Utf8Bytes::try_from(bytes.clone())
-                            .map_err(|_| tracing::error!("dropping an event that is not UTF-8"))
-                            .ok(),
-                        Payload::CloseDevice(_) => None,
+                    texts.extend(now.iter().filter_map(|envelope| {
+                        match &envelope.payload {
+                            Payload::Frame(bytes) => Utf8Bytes::try_from(bytes.clone())
+                                .map_err(|_| tracing::error!("dropping an event that is not UTF-8"))
+                                .ok(),
+                            Payload::CloseDevice(_) => None,
+                        }
                     }));
                     self.write(&first.users, first.skip, &texts, &chosen, sinks);
                 }
@@ -615,7 +624,10 @@ mod tests {
         });
         let queued = queued_rx.recv_timeout(Duration::from_secs(10)).is_ok();
         drop(entry);
-        assert!(queued, "the small envelope did not queue behind the big one");
+        assert!(
+            queued,
+            "the small envelope did not queue behind the big one"
+        );
         while shard.pending.load(Ordering::Acquire) > 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
