@@ -1,6 +1,8 @@
 //! Groups: the permission matrix, history visibility on every path, the cost of a message
 //! to a 10,000-member group, ownership succession, and "do we already have a chat?".
 
+use std::time::Duration;
+
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -383,7 +385,7 @@ async fn poll(server: &Server, token: &str, cursor: Option<&str>) -> Value {
 }
 
 #[tokio::test]
-async fn a_message_to_10000_members_writes_one_message_row() {
+async fn a_message_to_10000_members_writes_one_row_and_reaches_each_listener_once_in_order() {
     let server = Server::start(&[
         "--auth-rate-limit",
         "1000000",
@@ -395,8 +397,13 @@ async fn a_message_to_10000_members_writes_one_message_row() {
     let owner = server.user("owner").await;
     let http = reqwest::Client::new();
     let url = server.url("/v1/register");
-    let names: Vec<String> = (0..9_999).map(|n| format!("member{n:05}")).collect();
-    let ids: Vec<String> = futures::stream::iter(names)
+    // Three members listen on sockets; the fan-out threads write to them.
+    let mut listeners = Vec::new();
+    for n in 0..3 {
+        listeners.push(server.user(&format!("listener{n}")).await);
+    }
+    let names: Vec<String> = (0..9_996).map(|n| format!("member{n:05}")).collect();
+    let others: Vec<String> = futures::stream::iter(names)
         .map(|name| {
             let (http, url) = (http.clone(), url.clone());
             async move {
@@ -416,6 +423,11 @@ async fn a_message_to_10000_members_writes_one_message_row() {
         .buffer_unordered(32)
         .collect()
         .await;
+    let ids: Vec<String> = listeners
+        .iter()
+        .map(|device| device.user_id.clone())
+        .chain(others)
+        .collect();
 
     let mut ws = owner.connect(&server).await;
     let created = ws
@@ -435,11 +447,27 @@ async fn a_message_to_10000_members_writes_one_message_row() {
     let over = ws.request(json!({"type": "create_group", "title": "too big", "members": ids.iter().take(1001).collect::<Vec<_>>()})).await;
     assert_eq!(over["code"], "limit_exceeded", "1,000 users per request");
 
+    let mut sockets = Vec::new();
+    for device in &listeners {
+        sockets.push(device.connect(&server).await);
+    }
     let rows_before = server.metric("pigeon_store_rows_written_total").await;
     let stored_before = server.metric("pigeon_messages_stored_total").await;
     let messages = 20.0;
     for n in 0..20 {
         send_to(&mut ws, &thread_id, n).await;
+    }
+    // Every listener gets every message once, in seq order.
+    for socket in &mut sockets {
+        let mut seqs = Vec::new();
+        for _ in 0..20 {
+            let event = socket.event_of("message").await;
+            assert_eq!(event["body"], "to everyone", "{event}");
+            seqs.push(event["seq"].as_u64().unwrap());
+        }
+        let first = seqs[0];
+        assert_eq!(seqs, (first..first + 20).collect::<Vec<_>>());
+        socket.assert_quiet(Duration::from_millis(200)).await;
     }
     let rows = server.metric("pigeon_store_rows_written_total").await - rows_before;
     let stored = server.metric("pigeon_messages_stored_total").await - stored_before;
