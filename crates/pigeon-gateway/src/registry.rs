@@ -550,36 +550,56 @@ mod tests {
     use super::*;
     use crate::mailbox::Outbound;
 
+    /// A user whose events queue in a mailbox with no socket (where the test reads them),
+    /// and a member list of that user and enough others to go to the fan-out threads.
+    fn listener(registry: &Registry) -> (UserId, Arc<Mailbox>, Arc<[UserId]>) {
+        let user = UserId::new();
+        let mailbox = Arc::new(Mailbox::new(64, 0, None));
+        registry.add(user, 1, DeviceId::new(), Sink::Socket(mailbox.clone()));
+        let many = std::iter::once(user)
+            .chain((1..SHARDED_FROM).map(|_| UserId::new()))
+            .collect();
+        (user, mailbox, many)
+    }
+
+    fn shard<'a>(registry: &'a Registry, user: &UserId) -> &'a Shard {
+        &registry.shards[shard_of(user, registry.shards.len())]
+    }
+
+    /// Waits until the shard's thread has taken everything from its queue.
+    fn taken(shard: &Shard) {
+        while !shard.lock().envelopes.is_empty() {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Waits until the shard's thread has delivered everything it was given.
+    fn delivered(shard: &Shard) {
+        while shard.pending.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn a_full_fan_out_queue_closes_the_sockets_that_missed_events() {
         let registry = Registry::build(1);
-        let user = UserId::new();
-        // No socket in it: every event is queued in the mailbox, where the test reads it.
-        let mailbox = Arc::new(Mailbox::new(64, 0, None));
-        registry.add(user, 1, DeviceId::new(), Sink::Socket(mailbox.clone()));
-        let users: Arc<[UserId]> = std::iter::once(user)
-            .chain((1..SHARDED_FROM).map(|_| UserId::new()))
-            .collect();
+        let (user, mailbox, users) = listener(&registry);
         let envelope = |n: u32| Envelope {
             users: users.clone(),
             skip: None,
             payload: Payload::Frame(Bytes::from(format!("{{\"n\":{n}}}"))),
         };
-        let shard = &registry.shards[shard_of(&user, registry.shards.len())];
+        let shard = shard(&registry, &user);
 
         // Holding the user's entry stops the user's fan-out thread at it, with the first
         // envelope taken from its queue.
         let entry = registry.conns.users.get_mut(&user).expect("registered");
         registry.deliver(&envelope(1));
-        while !shard.lock().envelopes.is_empty() {
-            std::thread::yield_now();
-        }
+        taken(shard);
         registry.deliver(&envelope(2));
         registry.deliver(&envelope(3));
         drop(entry);
-        while shard.pending.load(Ordering::Acquire) > 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        delivered(shard);
 
         // The first arrived; the second, though queued, comes after the close; the third
         // never came. The client reconnects and syncs 2 and 3 from the store.
@@ -593,14 +613,9 @@ mod tests {
     #[test]
     fn a_small_envelope_waits_behind_a_big_one_for_the_same_user() {
         let registry = Arc::new(Registry::new());
-        let user = UserId::new();
-        let mailbox = Arc::new(Mailbox::new(64, 0, None));
-        registry.add(user, 1, DeviceId::new(), Sink::Socket(mailbox.clone()));
-        let many: Arc<[UserId]> = std::iter::once(user)
-            .chain((1..SHARDED_FROM).map(|_| UserId::new()))
-            .collect();
+        let (user, mailbox, many) = listener(&registry);
         let frame = |text: &'static str| Payload::Frame(Bytes::from_static(text.as_bytes()));
-        let shard = &registry.shards[shard_of(&user, registry.shards.len())];
+        let shard = shard(&registry, &user);
 
         let entry = registry.conns.users.get_mut(&user).expect("registered");
         registry.deliver(&Envelope {
@@ -608,9 +623,7 @@ mod tests {
             skip: None,
             payload: frame("big"),
         });
-        while !shard.lock().envelopes.is_empty() {
-            std::thread::yield_now();
-        }
+        taken(shard);
         // From another thread: written at once, it would wait for the entry held here.
         let (queued_tx, queued_rx) = std::sync::mpsc::channel();
         let sender = registry.clone();
@@ -628,9 +641,7 @@ mod tests {
             queued,
             "the small envelope did not queue behind the big one"
         );
-        while shard.pending.load(Ordering::Acquire) > 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        delivered(shard);
         let next = || match mailbox.try_next() {
             Some(Outbound::Frame(text)) => text.to_string(),
             other => panic!("expected a frame, got {other:?}"),
