@@ -335,3 +335,46 @@ async fn sessions_end_when_idle_inside_a_transaction() {
     drop(client);
     store.close().await;
 }
+
+#[tokio::test]
+async fn a_user_given_several_events_at_once_gets_consecutive_seqs() {
+    use pigeon_proto::UserEvent;
+
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PostgresStore::connect(&database.config())
+        .await
+        .expect("open postgres store");
+    let alice = store.create_user("alice", "h").await.unwrap().id;
+    let bob = store.create_user("bob", "h").await.unwrap().id;
+    let privacy = |hide_last_seen| UserEvent::Privacy { hide_last_seen };
+    let events = vec![
+        (alice, privacy(true)),
+        (bob, privacy(true)),
+        (alice, privacy(false)),
+    ];
+    let records = store
+        .shared
+        .transaction(&events, |tx, events| {
+            Box::pin(user_events::append_user_events(tx, events.to_vec()))
+        })
+        .await
+        .expect("appended");
+    let seqs: Vec<(UserId, u64)> = records
+        .iter()
+        .map(|(user, record)| (*user, record.seq))
+        .collect();
+    assert_eq!(seqs, vec![(alice, 1), (bob, 1), (alice, 2)]);
+
+    let page = user_events::list_user_events(&store.shared, alice, 0, 10)
+        .await
+        .expect("listed");
+    assert_eq!(page.last_seq, 2);
+    let kept: Vec<(u64, UserEvent)> = page
+        .events
+        .into_iter()
+        .map(|record| (record.seq, record.event))
+        .collect();
+    assert_eq!(kept, vec![(1, privacy(true)), (2, privacy(false))]);
+}

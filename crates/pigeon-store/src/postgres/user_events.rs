@@ -1,18 +1,22 @@
 //! The per-user event log for multi-device sync, bounded to the newest events.
 
+use std::collections::HashMap;
+
 use deadpool_postgres::Transaction;
 use pigeon_proto::{UserEvent, UserEventRecord, UserId};
 use tokio_postgres::types::ToSql;
+use uuid::Uuid;
 
 use super::Shared;
 use super::error::PgResult;
-use super::sql::{execute, lock_users, query, query_one, uuids};
+use super::sql::{execute, lock_users, query, query_one};
 use crate::common::{now_ms, to_i64, to_u64, user_events_prune_upto};
 use crate::{StoreError, UserEventsPage};
 
-/// Appends one event to each user's log (each user at most once) and returns the records
-/// in the order given. Each user's `last_event_seq` is taken under their row's lock, in id
-/// order, so concurrent writers of one log get consecutive seqs and never deadlock here.
+/// Appends events to users' logs (a user may get several) and returns the records in the
+/// order given, each user's in consecutive seqs. Each user's `last_event_seq` is taken under
+/// their row's lock, in id order, so concurrent writers of one log get consecutive seqs and
+/// never deadlock here.
 pub(super) async fn append_user_events(
     tx: &Transaction<'_>,
     events: Vec<(UserId, UserEvent)>,
@@ -20,37 +24,54 @@ pub(super) async fn append_user_events(
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let users: Vec<UserId> = events.iter().map(|(user, _)| *user).collect();
-    let ids = uuids(&users);
+    let mut counts: HashMap<UserId, i64> = HashMap::with_capacity(events.len());
+    for (user, _) in &events {
+        *counts.entry(*user).or_default() += 1;
+    }
+    let (ids, added): (Vec<Uuid>, Vec<i64>) = counts
+        .iter()
+        .map(|(user, count)| (*user.as_uuid(), *count))
+        .unzip();
     lock_users(tx, &ids).await?;
     let rows = query(
         tx,
-        "UPDATE users SET last_event_seq = last_event_seq + 1 WHERE id = ANY($1)
-             RETURNING id, last_event_seq",
-        &[&ids],
+        "UPDATE users u SET last_event_seq = u.last_event_seq + c.added
+             FROM unnest($1::uuid[], $2::bigint[]) AS c(id, added)
+             WHERE u.id = c.id
+             RETURNING u.id, u.last_event_seq",
+        &[&ids, &added],
     )
     .await?;
-    let mut seqs = std::collections::HashMap::with_capacity(rows.len());
+    // Each user's next seq, and their last (to prune up to).
+    let mut seqs = HashMap::with_capacity(rows.len());
     for row in &rows {
-        seqs.insert(UserId::from_uuid(row.try_get(0)?), to_u64(row.try_get(1)?));
+        let user = UserId::from_uuid(row.try_get(0)?);
+        let last = to_u64(row.try_get(1)?);
+        let count = counts.get(&user).copied().unwrap_or(1);
+        seqs.insert(user, (last + 1 - to_u64(count), last));
     }
 
     let mut records = Vec::with_capacity(events.len());
-    let (mut seq_column, mut bodies, mut prune_users, mut prune_upto) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut user_column, mut seq_column, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
     for (user, event) in events {
-        let seq = *seqs.get(&user).ok_or(StoreError::UnknownUser)?;
+        let (next, _) = seqs.get_mut(&user).ok_or(StoreError::UnknownUser)?;
+        let seq = *next;
+        *next += 1;
         bodies
             .push(serde_json::to_string(&event).map_err(|e| StoreError::Internal(e.to_string()))?);
+        user_column.push(*user.as_uuid());
         seq_column.push(to_i64(seq));
-        if let Some(upto) = user_events_prune_upto(seq) {
+        records.push((user, UserEventRecord { seq, event }));
+    }
+    let (mut prune_users, mut prune_upto) = (Vec::new(), Vec::new());
+    for (user, (_, last)) in &seqs {
+        if let Some(upto) = user_events_prune_upto(*last) {
             prune_users.push(*user.as_uuid());
             prune_upto.push(to_i64(upto));
         }
-        records.push((user, UserEventRecord { seq, event }));
     }
     let now = now_ms();
-    let insert_params: [&(dyn ToSql + Sync); 4] = [&ids, &seq_column, &bodies, &now];
+    let insert_params: [&(dyn ToSql + Sync); 4] = [&user_column, &seq_column, &bodies, &now];
     let insert = execute(
         tx,
         "INSERT INTO user_events (user_id, seq, body, created_at)
