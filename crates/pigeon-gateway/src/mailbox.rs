@@ -119,7 +119,7 @@ struct Queue {
     /// The close has been handed to the session.
     closed: bool,
     /// The session holds frames it took and has not finished writing, or is not serving
-    /// (yet, or any more): events queue.
+    /// yet: events queue. (Once it stops, `closed` is set too and events are refused.)
     busy: bool,
     /// A write stopped inside its buffer: nothing else may go out until it is finished.
     partial: bool,

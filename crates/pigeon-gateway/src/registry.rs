@@ -62,6 +62,9 @@ const SHARDED_FROM: usize = 128;
 /// Most envelopes a fan-out thread takes from its queue at a time.
 const MAX_TAKEN: usize = 256;
 
+/// Most member lists of lost envelopes kept apart; past this, the whole shard syncs.
+const MAX_LOST: usize = 64;
+
 /// Most envelopes waiting for one fan-out thread. Past this, events arrive faster than the
 /// sockets take them: the users of an envelope that finds the queue full have their
 /// sockets closed with 1013 and sync, as a socket whose own queue is full does.
@@ -88,8 +91,10 @@ struct Shard {
 
 struct ShardQueue {
     envelopes: VecDeque<Envelope>,
-    /// The member lists of envelopes that found the queue full.
+    /// The member lists of envelopes that found the queue full (at most [`MAX_LOST`]).
     lost: Vec<Arc<[UserId]>>,
+    /// More lists were lost than `lost` keeps: every socket of the shard is closed.
+    lost_all: bool,
     /// Envelopes that found the queue full since the thread last looked.
     lost_count: usize,
     /// The registry is gone: the thread ends.
@@ -101,7 +106,17 @@ struct ShardQueue {
 struct Batch {
     envelopes: Vec<Envelope>,
     lost: Vec<Arc<[UserId]>>,
+    lost_all: bool,
     lost_count: usize,
+}
+
+impl Batch {
+    fn clear(&mut self) {
+        self.envelopes.clear();
+        self.lost.clear();
+        self.lost_all = false;
+        self.lost_count = 0;
+    }
 }
 
 impl Default for Registry {
@@ -133,6 +148,7 @@ impl Registry {
                     queue: Mutex::new(ShardQueue {
                         envelopes: VecDeque::new(),
                         lost: Vec::new(),
+                        lost_all: false,
                         lost_count: 0,
                         closed: false,
                     }),
@@ -301,12 +317,17 @@ impl Shard {
                 queue.envelopes.push_back(envelope.clone());
             } else {
                 queue.lost_count += 1;
-                if !queue
+                let known = queue
                     .lost
                     .iter()
-                    .any(|users| Arc::ptr_eq(users, &envelope.users))
-                {
-                    queue.lost.push(envelope.users.clone());
+                    .any(|users| Arc::ptr_eq(users, &envelope.users));
+                if !known && !queue.lost_all {
+                    if queue.lost.len() < MAX_LOST {
+                        queue.lost.push(envelope.users.clone());
+                    } else {
+                        queue.lost_all = true;
+                        queue.lost.clear();
+                    }
                 }
             }
         }
@@ -329,6 +350,7 @@ impl Shard {
         let taken = queue.envelopes.len().min(MAX_TAKEN);
         into.envelopes.extend(queue.envelopes.drain(..taken));
         into.lost.append(&mut queue.lost);
+        into.lost_all = std::mem::take(&mut queue.lost_all);
         into.lost_count = std::mem::take(&mut queue.lost_count);
         true
     }
@@ -351,40 +373,56 @@ fn shard_of(user: &UserId, count: usize) -> usize {
 /// A fan-out thread: delivers what its queue is given to the users of shard `index`.
 fn fan_out(conns: &Conns, shard: &Shard, index: usize, count: usize) {
     let mine = |user: &UserId| shard_of(user, count) == index;
-    let mut taken = Batch::default();
+    let mut batch = Batch::default();
     let mut sinks = Vec::new();
-    while shard.take(&mut taken) {
-        let _done = Done(&shard.pending, taken.envelopes.len() + taken.lost_count);
-        // First the users who missed an event: their sockets close before anything later
-        // could reach them, so none of them sees a gap; they reconnect and sync.
-        for users in &taken.lost {
-            conns.close_sockets_of(users, &mine, TOO_FAR_BEHIND);
-        }
-        if taken.lost_count > 0 {
-            conns.slow_consumers.increment(1);
-            tracing::warn!(
-                shard = index,
-                envelopes = taken.lost_count,
-                "fan-out queue full; closing the sockets that missed events, so they sync"
-            );
-        }
-        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            conns.deliver(&taken.envelopes, mine, &mut sinks);
+    while shard.take(&mut batch) {
+        let _done = Done(&shard.pending, batch.envelopes.len() + batch.lost_count);
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handle(conns, &batch, index, mine, &mut sinks);
         }));
-        if delivered.is_err() {
-            // A bug; still, the thread goes on, and nobody is left with a silent gap.
+        if handled.is_err() {
+            // A bug. The thread goes on, and nobody is left with a silent gap: every
+            // socket of the shard syncs.
             sinks.clear();
             tracing::error!(
                 shard = index,
-                "fan-out panicked; closing the sockets it was writing to"
+                "fan-out panicked; closing the shard's sockets so that they sync"
             );
-            for envelope in &taken.envelopes {
-                conns.close_sockets_of(&envelope.users, &mine, LOST);
-            }
+            conns.close_all(&mine, LOST);
         }
-        taken.envelopes.clear();
-        taken.lost.clear();
+        batch.clear();
     }
+}
+
+/// Delivers one batch: first closes the sockets of users who missed an event (before
+/// anything later could reach them, so none of them sees a gap; they reconnect and sync),
+/// then writes the envelopes.
+fn handle(
+    conns: &Conns,
+    batch: &Batch,
+    index: usize,
+    mine: impl Fn(&UserId) -> bool + Copy,
+    sinks: &mut Vec<Sink>,
+) {
+    if batch.lost_count > 0 {
+        let closed = if batch.lost_all {
+            conns.close_all(&mine, TOO_FAR_BEHIND)
+        } else {
+            batch
+                .lost
+                .iter()
+                .map(|users| conns.close_sockets_of(users, &mine, TOO_FAR_BEHIND))
+                .sum()
+        };
+        conns.slow_consumers.increment(closed);
+        tracing::warn!(
+            shard = index,
+            envelopes = batch.lost_count,
+            closed,
+            "fan-out queue full; closed the sockets that missed events, so they sync"
+        );
+    }
+    conns.deliver(&batch.envelopes, mine, sinks);
 }
 
 /// How a socket is closed when events for it may have been lost.
@@ -493,25 +531,28 @@ impl Conns {
     }
 
     /// Closes the sockets of the chosen users with `code` and `reason`.
+    /// Returns how many were closed (and not closing already).
     fn close_sockets_of(
         &self,
         users: &[UserId],
         chosen: &impl Fn(&UserId) -> bool,
-        (code, reason): (u16, &'static str),
-    ) {
-        for user in users.iter().filter(|user| chosen(user)) {
-            let Some(conns) = self.users.get(user) else {
-                continue;
-            };
-            for conn in conns.iter() {
-                match &conn.sink {
-                    Sink::Socket(mailbox) => {
-                        mailbox.close(code, reason);
-                    }
-                    Sink::Poll(session) => session.lose(),
-                }
-            }
-        }
+        how: (u16, &'static str),
+    ) -> u64 {
+        users
+            .iter()
+            .filter(|user| chosen(user))
+            .filter_map(|user| self.users.get(user))
+            .map(|conns| close_each(&conns, how))
+            .sum()
+    }
+
+    /// Closes the sockets of every chosen user; returns how many were closed.
+    fn close_all(&self, chosen: &impl Fn(&UserId) -> bool, how: (u16, &'static str)) -> u64 {
+        self.users
+            .iter()
+            .filter(|entry| chosen(entry.key()))
+            .map(|entry| close_each(entry.value(), how))
+            .sum()
     }
 
     fn close_device(
@@ -534,6 +575,19 @@ impl Conns {
             }
         }
     }
+}
+
+/// Closes these connections (a long-poll session is told it lost events); returns how many
+/// sockets were closed by this call.
+fn close_each(conns: &[Conn], (code, reason): (u16, &'static str)) -> u64 {
+    let mut closed = 0;
+    for conn in conns {
+        match &conn.sink {
+            Sink::Socket(mailbox) => closed += u64::from(mailbox.close(code, reason)),
+            Sink::Poll(session) => session.lose(),
+        }
+    }
+    closed
 }
 
 fn payload_len(envelope: &Envelope) -> usize {
@@ -566,18 +620,25 @@ mod tests {
         &registry.shards[shard_of(user, registry.shards.len())]
     }
 
+    /// Waits (10 s at most) until `done` holds.
+    fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits until the shard's thread has taken everything from its queue.
     fn taken(shard: &Shard) {
-        while !shard.lock().envelopes.is_empty() {
-            std::thread::yield_now();
-        }
+        until("the queue is taken", || shard.lock().envelopes.is_empty());
     }
 
     /// Waits until the shard's thread has delivered everything it was given.
     fn delivered(shard: &Shard) {
-        while shard.pending.load(Ordering::Acquire) > 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        until("all is delivered", || {
+            shard.pending.load(Ordering::Acquire) == 0
+        });
     }
 
     #[test]

@@ -171,6 +171,9 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
+    // As `TcpListener::bind` does on Unix: a restart can bind while old connections linger
+    // in TIME_WAIT. (On Windows it would let another process share the port.)
+    #[cfg(unix)]
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)

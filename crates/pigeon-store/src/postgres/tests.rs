@@ -377,4 +377,29 @@ async fn a_user_given_several_events_at_once_gets_consecutive_seqs() {
         .map(|record| (record.seq, record.event))
         .collect();
     assert_eq!(kept, vec![(1, privacy(true)), (2, privacy(false))]);
+
+    // Two events at once whose first seq is a pruning point (1,100) prune the log too,
+    // though the last one (1,101) is not.
+    let client = store.shared.client().await.expect("client");
+    client
+        .execute(
+            "UPDATE users SET last_event_seq = 1099 WHERE id = $1",
+            &[alice.as_uuid()],
+        )
+        .await
+        .expect("moved the log's head");
+    let events = vec![(alice, privacy(true)), (alice, privacy(false))];
+    store
+        .shared
+        .transaction(&events, |tx, events| {
+            Box::pin(user_events::append_user_events(tx, events.to_vec()))
+        })
+        .await
+        .expect("appended");
+    let page = user_events::list_user_events(&store.shared, alice, 0, 10)
+        .await
+        .expect("listed");
+    let seqs: Vec<u64> = page.events.iter().map(|record| record.seq).collect();
+    assert_eq!(seqs, vec![1100, 1101], "seqs 1 and 2 were pruned");
+    assert!(page.reset);
 }

@@ -42,34 +42,37 @@ pub(super) async fn append_user_events(
         &[&ids, &added],
     )
     .await?;
-    // Each user's next seq, and their last (to prune up to).
-    let mut seqs = HashMap::with_capacity(rows.len());
+    // Each user's next seq.
+    let mut next = HashMap::with_capacity(rows.len());
     for row in &rows {
         let user = UserId::from_uuid(row.try_get(0)?);
         let last = to_u64(row.try_get(1)?);
         let count = counts.get(&user).copied().unwrap_or(1);
-        seqs.insert(user, (last + 1 - to_u64(count), last));
+        next.insert(user, last + 1 - to_u64(count));
     }
 
     let mut records = Vec::with_capacity(events.len());
     let (mut user_column, mut seq_column, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
+    // Per user, the furthest any of their new seqs prunes to.
+    let mut prune: HashMap<UserId, u64> = HashMap::new();
     for (user, event) in events {
-        let (next, _) = seqs.get_mut(&user).ok_or(StoreError::UnknownUser)?;
-        let seq = *next;
-        *next += 1;
+        let seq = next.get_mut(&user).ok_or(StoreError::UnknownUser)?;
+        let this = *seq;
+        *seq += 1;
+        if let Some(upto) = user_events_prune_upto(this) {
+            let furthest = prune.entry(user).or_default();
+            *furthest = (*furthest).max(upto);
+        }
         bodies
             .push(serde_json::to_string(&event).map_err(|e| StoreError::Internal(e.to_string()))?);
         user_column.push(*user.as_uuid());
-        seq_column.push(to_i64(seq));
-        records.push((user, UserEventRecord { seq, event }));
+        seq_column.push(to_i64(this));
+        records.push((user, UserEventRecord { seq: this, event }));
     }
-    let (mut prune_users, mut prune_upto) = (Vec::new(), Vec::new());
-    for (user, (_, last)) in &seqs {
-        if let Some(upto) = user_events_prune_upto(*last) {
-            prune_users.push(*user.as_uuid());
-            prune_upto.push(to_i64(upto));
-        }
-    }
+    let (prune_users, prune_upto): (Vec<Uuid>, Vec<i64>) = prune
+        .iter()
+        .map(|(user, upto)| (*user.as_uuid(), to_i64(*upto)))
+        .unzip();
     let now = now_ms();
     let insert_params: [&(dyn ToSql + Sync); 4] = [&user_column, &seq_column, &bodies, &now];
     let insert = execute(
