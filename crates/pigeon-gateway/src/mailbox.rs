@@ -472,6 +472,9 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
+        // The runtime has seen that the socket can take writes (a direct write is only
+        // tried then).
+        server.writable().await.unwrap();
         (Arc::new(Mailbox::new(capacity, 0, Some(server))), client)
     }
 

@@ -602,7 +602,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::mailbox::Outbound;
+    use crate::mailbox::{Outbound, push_frame};
 
     /// A user whose events queue in a mailbox with no socket (where the test reads them),
     /// and a member list of that user and enough others to go to the fan-out threads.
@@ -708,5 +708,53 @@ mod tests {
             other => panic!("expected a frame, got {other:?}"),
         };
         assert_eq!((next(), next()), ("big".into(), "small".into()));
+    }
+
+    #[tokio::test]
+    async fn events_that_waited_for_a_fan_out_thread_go_out_together_in_order() {
+        use tokio::io::AsyncReadExt;
+
+        let registry = Registry::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        // The runtime has seen that the socket can take writes (a direct write is only
+        // tried then).
+        server.writable().await.unwrap();
+        let mailbox = Arc::new(Mailbox::new(64, 0, Some(server)));
+        mailbox.open();
+        let user = UserId::new();
+        registry.add(user, 1, DeviceId::new(), Sink::Socket(mailbox.clone()));
+        let users: Arc<[UserId]> = std::iter::once(user)
+            .chain((1..SHARDED_FROM).map(|_| UserId::new()))
+            .collect();
+        let envelope = |n: u32| Envelope {
+            users: users.clone(),
+            skip: None,
+            payload: Payload::Frame(Bytes::from(format!("event {n}"))),
+        };
+        let shard = shard(&registry, &user);
+
+        // The thread stops at the user with the first event; three more wait meanwhile,
+        // and go out as one run once it can go on.
+        let entry = registry.conns.users.get_mut(&user).expect("registered");
+        registry.deliver(&envelope(1));
+        taken(shard);
+        for n in 2..=4 {
+            registry.deliver(&envelope(n));
+        }
+        drop(entry);
+        delivered(shard);
+        assert_eq!(mailbox.try_next(), None, "written straight to the socket");
+
+        let mut expected = Vec::new();
+        for n in 1..=4 {
+            push_frame(&mut expected, Utf8Bytes::from(format!("event {n}")));
+        }
+        let mut got = vec![0; expected.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, expected);
     }
 }
