@@ -23,7 +23,7 @@ const state = {
   totalUnread: 0,
   names: new Map(), // user_id -> username, for senders in groups
   online: new Map(), // user_id -> online, for the dots of direct chats
-  receipts: new Map(), // group thread_id -> Map(user_id -> {read, delivered}) of the other members
+  receipts: new Map(), // thread_id -> Map(user_id -> {read, delivered}) of the other members, seen live
   unreadFrom: null, // the open thread's read marker when it was opened, for the divider
   newBelow: 0, // messages that arrived below the view while scrolled up
   showArchived: false,
@@ -157,6 +157,7 @@ async function refreshThreads() {
   state.totalUnread = answer.total_unread;
   for (const summary of state.threads.values()) {
     if (summary.peer) state.names.set(summary.peer.user_id, summary.peer.username);
+    applyReceipts(summary);
   }
   renderThreads();
   if (state.current) renderMessages();
@@ -437,18 +438,30 @@ function onMessage(message) {
   renderThreads();
 }
 
+/// Kept even when the thread is not listed yet: a receipt can overtake the answer that
+/// lists a new chat (the peer's page marks the message delivered before the sender's
+/// `threads` answer comes back), and a `threads` answer computed before a receipt must not
+/// take it back. `applyReceipts` folds them into the summary whenever it is (re)loaded.
 function onReceipt(receipt) {
-  const summary = state.threads.get(receipt.thread_id);
-  if (!summary) return;
   const members = state.receipts.get(receipt.thread_id) ?? new Map();
   state.receipts.set(receipt.thread_id, members);
   const marks = members.get(receipt.user_id) ?? { read: 0, delivered: 0 };
   if (receipt.kind === 'read') marks.read = Math.max(marks.read, receipt.seq);
   marks.delivered = Math.max(marks.delivered, receipt.seq);
   members.set(receipt.user_id, marks);
-  if (receipt.kind === 'read') summary.peer_read_seq = Math.max(summary.peer_read_seq ?? 0, receipt.seq);
-  summary.peer_delivered_seq = Math.max(summary.peer_delivered_seq ?? 0, receipt.seq);
+  const summary = state.threads.get(receipt.thread_id);
+  if (!summary) return;
+  applyReceipts(summary);
   if (receipt.thread_id === state.current) renderMessages();
+}
+
+/// Moves a direct chat's peer markers up to the receipts seen live.
+function applyReceipts(summary) {
+  if (summary.kind !== 'direct') return;
+  for (const marks of state.receipts.get(summary.thread_id)?.values() ?? []) {
+    summary.peer_read_seq = Math.max(summary.peer_read_seq ?? 0, marks.read);
+    summary.peer_delivered_seq = Math.max(summary.peer_delivered_seq ?? 0, marks.delivered);
+  }
 }
 
 function onPresence(presence) {
