@@ -100,6 +100,9 @@ pub(crate) struct App {
     pub(crate) status: Option<String>,
     /// Lines scrolled up from the bottom of the conversation.
     pub(crate) scroll: usize,
+    /// Receipts (delivered, read) for conversations not listed yet: the peer can mark a
+    /// first message delivered before the list that names the new chat comes back.
+    early_receipts: HashMap<ThreadId, (u64, u64)>,
 }
 
 impl App {
@@ -114,6 +117,7 @@ impl App {
             banner: Some("connecting…".into()),
             status: None,
             scroll: 0,
+            early_receipts: HashMap::new(),
         }
     }
 
@@ -181,12 +185,18 @@ impl App {
             conversation.peer = summary.peer.as_ref().map(|p| p.user_id);
             conversation.unread = summary.unread;
             conversation.muted = summary.muted;
+            let (early_delivered, early_read) = self
+                .early_receipts
+                .remove(&summary.thread_id)
+                .unwrap_or_default();
             conversation.others_delivered = conversation
                 .others_delivered
-                .max(summary.peer_delivered_seq.unwrap_or(0));
+                .max(summary.peer_delivered_seq.unwrap_or(0))
+                .max(early_delivered);
             conversation.others_read = conversation
                 .others_read
-                .max(summary.peer_read_seq.unwrap_or(0));
+                .max(summary.peer_read_seq.unwrap_or(0))
+                .max(early_read);
             self.conversations.push(conversation);
         }
         // Conversations the server no longer lists (left, removed) go, unless a message of
@@ -360,15 +370,17 @@ impl App {
                 kind,
                 seq,
             } if user_id != self.me => {
+                let read = if kind == MarkKind::Read { seq } else { 0 };
                 if let Some(conversation) = self
                     .conversations
                     .iter_mut()
                     .find(|c| c.thread_id == thread_id)
                 {
                     conversation.others_delivered = conversation.others_delivered.max(seq);
-                    if kind == MarkKind::Read {
-                        conversation.others_read = conversation.others_read.max(seq);
-                    }
+                    conversation.others_read = conversation.others_read.max(read);
+                } else {
+                    let early = self.early_receipts.entry(thread_id).or_default();
+                    *early = (early.0.max(seq), early.1.max(read));
                 }
             }
             ServerFrame::Presence {

@@ -224,3 +224,43 @@ fn a_narrow_screen_shows_the_conversation_only() {
     assert!(screen.contains("bob: hi alice"), "{screen}");
     assert!(!screen.contains("conversations ·"), "{screen}");
 }
+
+#[test]
+fn a_receipt_that_comes_before_the_list_naming_its_chat_is_kept() {
+    let (mut app, _, _, _) = setup();
+    let dave = UserRef {
+        user_id: UserId::new(),
+        username: "dave".into(),
+    };
+    let with_dave = ThreadId::new();
+    // Dave's client marked our first message delivered before our list has the chat.
+    app.on_client_event(Event::Other(ServerFrame::Receipt {
+        thread_id: with_dave,
+        user_id: dave.user_id,
+        kind: MarkKind::Delivered,
+        seq: 1,
+    }));
+    // The list, read before dave's marker moved, still says 0.
+    let mut listed: Vec<ThreadSummary> = app
+        .conversations
+        .iter()
+        .map(|c| {
+            let peer = UserRef {
+                user_id: c.peer.unwrap(),
+                username: app.name_of(c.peer.unwrap()),
+            };
+            summary(c.thread_id, &peer, 0)
+        })
+        .collect();
+    listed.push(summary(with_dave, &dave, 0));
+    app.set_threads(listed);
+    let conversation = app
+        .conversations
+        .iter()
+        .find(|c| c.thread_id == with_dave)
+        .expect("listed");
+    assert_eq!(
+        (conversation.others_delivered, conversation.others_read),
+        (1, 0)
+    );
+}
