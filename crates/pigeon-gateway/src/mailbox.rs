@@ -139,7 +139,8 @@ pub(crate) struct Mailbox {
 }
 
 impl Mailbox {
-    /// An empty mailbox holding at most `capacity` frames, not yet taking direct writes.
+    /// An empty mailbox holding at most `capacity` frames, not yet taking direct writes
+    /// (until [`Mailbox::ready`]).
     pub(crate) fn new(capacity: usize, now: u64, stream: Option<TcpStream>) -> Self {
         Self {
             queue: Mutex::new(Queue {
@@ -231,13 +232,9 @@ impl Mailbox {
         taken
     }
 
-    /// The session is ready for direct writes: `welcome` is out.
-    pub(crate) fn open(&self) {
-        self.lock().busy = false;
-    }
-
-    /// The session is done writing what it took: events may be written directly again.
-    pub(crate) fn written(&self) {
+    /// The session has nothing of its own left to write (`welcome` is out, or what it
+    /// took from the queue is written): events may be written straight into the socket.
+    pub(crate) fn ready(&self) {
         self.lock().busy = false;
     }
 
@@ -250,7 +247,7 @@ impl Mailbox {
     }
 
     /// The next thing to do, if any is ready now. Taking a frame makes the session busy
-    /// until it calls [`Mailbox::written`].
+    /// until it calls [`Mailbox::ready`].
     pub(crate) fn try_next(&self) -> Option<Outbound> {
         let mut queue = self.lock();
         if let Some(frame) = queue.frames.pop_front() {
@@ -498,7 +495,7 @@ mod tests {
         let (mailbox, mut client) = socket_pair(8).await;
         // Not open yet (the session has not said welcome): queued.
         assert_eq!(push(&mailbox, "early"), Ok(Taken::Queued));
-        mailbox.open();
+        mailbox.ready();
         // Something is queued: the next one queues behind it.
         assert_eq!(push(&mailbox, "second"), Ok(Taken::Queued));
         assert_eq!(mailbox.try_next(), Some(Outbound::Frame(frame("early"))));
@@ -511,7 +508,7 @@ mod tests {
             .unwrap();
         assert_eq!(mailbox.try_next(), Some(Outbound::Frame(frame("third"))));
         wire.write_all(&framed(&[frame("third")])).await.unwrap();
-        mailbox.written();
+        mailbox.ready();
         // Idle now: written by the pusher itself, and nothing is left for the session.
         assert_eq!(push(&mailbox, "fourth"), Ok(Taken::Written));
         assert_eq!(mailbox.try_next(), None);
@@ -549,7 +546,7 @@ mod tests {
             attempts += 1;
             assert!(attempts <= 10, "no direct write stopped inside a frame");
             let (mailbox, client) = socket_pair(1024).await;
-            mailbox.open();
+            mailbox.ready();
             if let Some(sent) = fill_until_tail(&mailbox) {
                 break (mailbox, client, sent);
             }
@@ -566,7 +563,7 @@ mod tests {
         wire.write_all(&framed(&[frame("answer")])).await.unwrap();
         assert_eq!(mailbox.try_next(), Some(Outbound::Frame(frame("after"))));
         wire.write_all(&framed(&[frame("after")])).await.unwrap();
-        mailbox.written();
+        mailbox.ready();
         assert_eq!(mailbox.try_next(), None);
         drop(wire);
         drop(Arc::into_inner(mailbox).expect("the last handle"));

@@ -255,17 +255,7 @@ impl Drop for Registry {
 
 impl Deliver for Registry {
     fn resync(&self) {
-        self.close_sockets(
-            close::TRY_AGAIN_LATER,
-            "events may have been lost; reconnect and sync",
-        );
-        for entry in self.conns.users.iter() {
-            for conn in entry.value() {
-                if let Sink::Poll(session) = &conn.sink {
-                    session.lose();
-                }
-            }
-        }
+        self.conns.close_all(&|_| true, LOST);
         tracing::warn!(
             connections = self.len(),
             "asked every local connection to sync again"
@@ -293,9 +283,7 @@ impl Deliver for Registry {
                 }
             }
         } else {
-            let mut sinks = Vec::new();
-            self.conns
-                .deliver(std::slice::from_ref(envelope), |_| true, &mut sinks);
+            self.conns.deliver(std::slice::from_ref(envelope), |_| true);
         }
     }
 }
@@ -374,16 +362,14 @@ fn shard_of(user: &UserId, count: usize) -> usize {
 fn fan_out(conns: &Conns, shard: &Shard, index: usize, count: usize) {
     let mine = |user: &UserId| shard_of(user, count) == index;
     let mut batch = Batch::default();
-    let mut sinks = Vec::new();
     while shard.take(&mut batch) {
         let _done = Done(&shard.pending, batch.envelopes.len() + batch.lost_count);
         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            handle(conns, &batch, index, mine, &mut sinks);
+            handle(conns, &batch, index, mine);
         }));
         if handled.is_err() {
             // A bug. The thread goes on, and nobody is left with a silent gap: every
             // socket of the shard syncs.
-            sinks.clear();
             tracing::error!(
                 shard = index,
                 "fan-out panicked; closing the shard's sockets so that they sync"
@@ -397,13 +383,7 @@ fn fan_out(conns: &Conns, shard: &Shard, index: usize, count: usize) {
 /// Delivers one batch: first closes the sockets of users who missed an event (before
 /// anything later could reach them, so none of them sees a gap; they reconnect and sync),
 /// then writes the envelopes.
-fn handle(
-    conns: &Conns,
-    batch: &Batch,
-    index: usize,
-    mine: impl Fn(&UserId) -> bool + Copy,
-    sinks: &mut Vec<Sink>,
-) {
+fn handle(conns: &Conns, batch: &Batch, index: usize, mine: impl Fn(&UserId) -> bool + Copy) {
     if batch.lost_count > 0 {
         let closed = if batch.lost_all {
             conns.close_all(&mine, TOO_FAR_BEHIND)
@@ -422,7 +402,14 @@ fn handle(
             "fan-out queue full; closed the sockets that missed events, so they sync"
         );
     }
-    conns.deliver(&batch.envelopes, mine, sinks);
+    conns.deliver(&batch.envelopes, mine);
+}
+
+thread_local! {
+    /// Where [`Conns::write`] copies a user's sinks, reused so that delivery does not
+    /// allocate per message (each deliverer, the Publisher's worker or a fan-out thread,
+    /// has its own).
+    static SINKS: std::cell::Cell<Vec<Sink>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// How a socket is closed when events for it may have been lost.
@@ -443,13 +430,7 @@ fn same_run(first: &Envelope, next: &Envelope) -> bool {
 
 impl Conns {
     /// Delivers envelopes, in order, to the connections of the users `chosen` picks.
-    /// `sinks` is scratch space, kept by the caller so that fan-out does not allocate.
-    fn deliver(
-        &self,
-        envelopes: &[Envelope],
-        chosen: impl Fn(&UserId) -> bool,
-        sinks: &mut Vec<Sink>,
-    ) {
+    fn deliver(&self, envelopes: &[Envelope], chosen: impl Fn(&UserId) -> bool) {
         let mut texts = Vec::new();
         let mut rest = envelopes;
         while let Some(first) = rest.first() {
@@ -476,7 +457,7 @@ impl Conns {
                             Payload::CloseDevice(_) => None,
                         }
                     }));
-                    self.write(&first.users, first.skip, &texts, &chosen, sinks);
+                    self.write(&first.users, first.skip, &texts, &chosen);
                 }
                 Payload::CloseDevice(device_id) => {
                     self.close_device(&first.users, *device_id, &chosen);
@@ -492,13 +473,13 @@ impl Conns {
         skip: Option<ConnId>,
         texts: &[Utf8Bytes],
         chosen: &impl Fn(&UserId) -> bool,
-        sinks: &mut Vec<Sink>,
     ) {
         if texts.is_empty() {
             return;
         }
         let events = Events::new(texts);
         let mut written = 0;
+        let mut sinks = SINKS.take();
         for user in users.iter().filter(|user| chosen(user)) {
             // The writes happen after the map's lock is let go: a write into a socket is a
             // system call, and a connect or disconnect waits for that lock.
@@ -527,6 +508,8 @@ impl Conns {
                 }
             }
         }
+        // Kept for the next delivery on this thread (it is empty, its capacity is not).
+        SINKS.set(sinks);
         self.frames_out.increment(written);
     }
 
@@ -607,13 +590,30 @@ mod tests {
     /// A user whose events queue in a mailbox with no socket (where the test reads them),
     /// and a member list of that user and enough others to go to the fan-out threads.
     fn listener(registry: &Registry) -> (UserId, Arc<Mailbox>, Arc<[UserId]>) {
+        listener_on(registry, None)
+    }
+
+    /// [`listener`], on this socket if given.
+    fn listener_on(
+        registry: &Registry,
+        socket: Option<tokio::net::TcpStream>,
+    ) -> (UserId, Arc<Mailbox>, Arc<[UserId]>) {
         let user = UserId::new();
-        let mailbox = Arc::new(Mailbox::new(64, 0, None));
+        let mailbox = Arc::new(Mailbox::new(64, 0, socket));
         registry.add(user, 1, DeviceId::new(), Sink::Socket(mailbox.clone()));
         let many = std::iter::once(user)
             .chain((1..SHARDED_FROM).map(|_| UserId::new()))
             .collect();
         (user, mailbox, many)
+    }
+
+    /// An event to `users` whose frame is `text`.
+    fn event(users: &Arc<[UserId]>, text: String) -> Envelope {
+        Envelope {
+            users: users.clone(),
+            skip: None,
+            payload: Payload::Frame(Bytes::from(text)),
+        }
     }
 
     fn shard<'a>(registry: &'a Registry, user: &UserId) -> &'a Shard {
@@ -645,11 +645,7 @@ mod tests {
     fn a_full_fan_out_queue_closes_the_sockets_that_missed_events() {
         let registry = Registry::build(1);
         let (user, mailbox, users) = listener(&registry);
-        let envelope = |n: u32| Envelope {
-            users: users.clone(),
-            skip: None,
-            payload: Payload::Frame(Bytes::from(format!("{{\"n\":{n}}}"))),
-        };
+        let envelope = |n: u32| event(&users, format!("{{\"n\":{n}}}"));
         let shard = shard(&registry, &user);
 
         // Holding the user's entry stops the user's fan-out thread at it, with the first
@@ -723,18 +719,9 @@ mod tests {
         // The runtime has seen that the socket can take writes (a direct write is only
         // tried then).
         server.writable().await.unwrap();
-        let mailbox = Arc::new(Mailbox::new(64, 0, Some(server)));
-        mailbox.open();
-        let user = UserId::new();
-        registry.add(user, 1, DeviceId::new(), Sink::Socket(mailbox.clone()));
-        let users: Arc<[UserId]> = std::iter::once(user)
-            .chain((1..SHARDED_FROM).map(|_| UserId::new()))
-            .collect();
-        let envelope = |n: u32| Envelope {
-            users: users.clone(),
-            skip: None,
-            payload: Payload::Frame(Bytes::from(format!("event {n}"))),
-        };
+        let (user, mailbox, users) = listener_on(&registry, Some(server));
+        mailbox.ready();
+        let envelope = |n: u32| event(&users, format!("event {n}"));
         let shard = shard(&registry, &user);
 
         // The thread stops at the user with the first event; three more wait meanwhile,

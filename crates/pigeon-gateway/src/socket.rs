@@ -205,7 +205,7 @@ async fn session(state: AppState, handoff: Box<Handoff>) {
         return;
     };
     // From here on, events may be written straight into the socket by the fan-out.
-    mailbox.open();
+    mailbox.ready();
     let end = serve(&state, &caller, &mut socket, &mailbox).await;
     // And from here on, never again: the close frame must be the last thing sent.
     mailbox.stop();
@@ -228,7 +228,7 @@ async fn open(state: &AppState, handoff: Box<Handoff>) -> Option<Opened> {
         pre_auth,
     } = *handoff;
     let (stream, early) = take_over(on_upgrade).await?;
-    // The mailbox owns the socket (see `mailbox`); it takes no direct writes before `open`.
+    // The mailbox owns the socket (see `mailbox`); it takes no direct writes before `ready`.
     let mailbox = Arc::new(Mailbox::new(
         state.config.send_queue,
         state.registry.clock(),
@@ -501,9 +501,8 @@ fn encode(frame: &ServerFrame) -> Option<Utf8Bytes> {
 
 /// Writes frames formatted by [`push_frame`] straight to the socket, after anything
 /// tungstenite still holds (a pong) and the rest of a direct write, so the order on the
-/// wire is kept. The bytes are the
-/// caller's and are freed after the write: an idle socket keeps no write buffer, whatever
-/// it once sent (tungstenite's buffer never shrinks).
+/// wire is kept. The bytes are the caller's and are freed after the write: an idle socket
+/// keeps no write buffer, whatever it once sent (tungstenite's buffer never shrinks).
 ///
 /// A client that stops reading would otherwise hold its session (and its presence)
 /// forever: TCP keeps a zero window open indefinitely. A write that cannot finish within
@@ -546,7 +545,7 @@ async fn write_batch(
     write_frames(state, socket, &bytes)
         .await
         .map_err(|_| End::Gone)?;
-    mailbox.written();
+    mailbox.ready();
     state.metrics.frames_out.increment(written);
     close_after.map_or(Ok(()), Err)
 }

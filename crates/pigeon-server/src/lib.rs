@@ -165,7 +165,7 @@ fn install_metrics() -> Option<PrometheusHandle> {
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds the listening socket with a backlog fit for bursts of connects.
-fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

@@ -132,9 +132,12 @@ impl SqliteStore {
             .name("pigeon-sqlite-lookups".into())
             .spawn(move || {
                 // Takes whatever is queued without sleeping between: under load (a burst of
-                // connects) one wakeup serves many lookups.
+                // connects) one wakeup serves many lookups. A lookup that panics fails its
+                // caller only (its answer is dropped), not every lookup after it.
                 while let Ok(lookup) = lookups_rx.recv() {
-                    lookup(&lookup_conn);
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        lookup(&lookup_conn);
+                    }));
                 }
             })
             .map_err(|e| StoreError::Internal(format!("spawn lookups: {e}")))?;
