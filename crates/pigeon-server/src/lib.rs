@@ -144,6 +144,12 @@ fn install_metrics() -> Option<PrometheusHandle> {
                 )
                 .and_then(|b| {
                     b.set_buckets_for_metric(
+                        Matcher::Full("pigeon_store_checkpoint_seconds".into()),
+                        &latency,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
                         Matcher::Full("pigeon_store_batch_size".into()),
                         &batch,
                     )
