@@ -51,7 +51,10 @@ async fn every_scenario_runs_and_loses_nothing() {
     }
     assert_eq!(direct["acked"], direct["delivered"]);
     assert!(direct["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
-    assert!(direct["send_lag_ms"]["p50"].as_f64().unwrap() > 0.0, "{direct}");
+    assert!(
+        direct["send_lag_ms"]["p50"].as_f64().unwrap() > 0.0,
+        "{direct}"
+    );
     assert!(direct["server_cpu_ms_per_1000"].as_f64().is_some());
 
     let group = bench(

@@ -1142,7 +1142,6 @@ fn run_writer(
         checkpoints.after_batch(&conn);
     }
 
-    checkpoints.stop();
     // Refuse whatever arrived after the close request.
     jobs_rx.close();
     while let Ok(command) = jobs_rx.try_recv() {
@@ -1150,6 +1149,7 @@ fn run_writer(
             drop(job);
         }
     }
+    checkpoints.stop();
     if let Err((_, error)) = conn.close() {
         tracing::warn!(%error, "closing the sqlite writer connection");
     }
@@ -1173,17 +1173,18 @@ fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite:
 ///
 /// SQLite's automatic checkpoint runs inside the commit that crosses its threshold: that
 /// batch's acks, and every job queued behind it, waited 10–20 ms while thousands of pages
-/// were copied and both files synced. Here a thread of its own copies the log whenever it
-/// has grown by `pages` (a PASSIVE checkpoint, which runs alongside the writer's commits).
-/// A copied log stays cheap to read: readers look up only the pages after the copied part.
+/// were copied and both files synced. Here a thread of its own copies the log whenever
+/// `pages` of it are not copied yet (a PASSIVE checkpoint, which runs alongside the
+/// writer's commits). A copied log stays cheap to read: readers look up only the pages
+/// after the copied part.
 ///
 /// The log file only starts over from its beginning once a checkpoint has copied all of it
 /// and no transaction is open in between, which never happens while the writer commits
 /// every millisecond. So once the log is `restart_pages` long, the writer checkpoints the
 /// pages committed since the thread's last copy itself, between two batches (about 9 ms
 /// once per 20,000 pages at 20,000 messages/s, mostly the two syncs), and its next
-/// transaction restarts the log (unless a reader still reads an older snapshot; the next
-/// round tries again).
+/// transaction restarts the log. A reader still reading older pages of the log stops the
+/// restart; the writer tries again once `pages` more are uncopied.
 struct Checkpoints {
     request: std::sync::mpsc::SyncSender<()>,
     thread: std::thread::JoinHandle<()>,
@@ -1192,6 +1193,10 @@ struct Checkpoints {
     /// Log pages copied into the database file by the thread's last checkpoint.
     backfilled: Arc<AtomicU32>,
     copying: bool,
+    /// The log's length after the last batch: a shorter log means it started over.
+    last_pages: u32,
+    /// Pages of the current log known to be copied.
+    copied_upto: u32,
     pages: u32,
     restart_pages: u32,
     /// `pigeon_store_checkpoint_seconds{on="writer"}`: how long the writer's share held it.
@@ -1230,6 +1235,8 @@ impl Checkpoints {
             copied,
             backfilled,
             copying: false,
+            last_pages: 0,
+            copied_upto: 0,
             pages,
             restart_pages: pages.saturating_mul(5),
             on_writer: metrics::histogram!("pigeon_store_checkpoint_seconds", "on" => "writer"),
@@ -1247,34 +1254,40 @@ impl Checkpoints {
     /// Runs on the writer thread after each batch, outside any transaction.
     fn after_batch(&mut self, conn: &Connection) {
         let pages = WAL_PAGES.get();
+        if pages < self.last_pages {
+            // The log started over.
+            self.copied_upto = 0;
+        }
+        self.last_pages = pages;
         if self.copying {
-            if !self.copied.swap(false, Ordering::Acquire) {
-                if pages >= self.restart_pages.saturating_mul(4) {
-                    // The thread is far behind (a stalled disk?): the log must not grow
-                    // without bound, so the writer copies too.
-                    checkpoint(conn, &self.on_writer);
+            if self.copied.swap(false, Ordering::Acquire) {
+                self.copying = false;
+                // Had the log started over since, its new pages are the few written since.
+                self.copied_upto = self.backfilled.load(Ordering::Relaxed).min(pages);
+                if pages >= self.restart_pages {
+                    self.checkpoint_here(conn, pages);
+                    return;
                 }
-                return;
-            }
-            self.copying = false;
-            if pages >= self.restart_pages {
-                checkpoint(conn, &self.on_writer);
-                // The next transaction starts the log over, which the thread's count of
-                // copied pages does not know.
-                self.backfilled.store(0, Ordering::Relaxed);
+            } else if self.thread.is_finished() {
+                tracing::error!("the WAL checkpoint thread stopped; the writer checkpoints");
+                self.copying = false;
+            } else {
                 return;
             }
         }
-        // Since the log restarted, the thread's last copy counts for nothing.
-        let backfilled = self.backfilled.load(Ordering::Relaxed);
-        let uncopied = pages.checked_sub(backfilled).unwrap_or(pages);
-        if uncopied >= self.pages {
-            match self.request.try_send(()) {
-                Ok(()) => self.copying = true,
-                Err(_) => {
-                    checkpoint(conn, &self.on_writer);
-                }
+        if pages.saturating_sub(self.copied_upto) >= self.pages {
+            // The thread only ends early by panicking; then the writer copies instead.
+            if !self.thread.is_finished() && self.request.try_send(()).is_ok() {
+                self.copying = true;
+            } else {
+                self.checkpoint_here(conn, pages);
             }
+        }
+    }
+
+    fn checkpoint_here(&mut self, conn: &Connection, pages: u32) {
+        if let Some(copied) = checkpoint(conn, &self.on_writer) {
+            self.copied_upto = copied.min(pages);
         }
     }
 }
@@ -1499,36 +1512,66 @@ mod tests {
             checkpoint_pages: 20,
             ..SqliteConfig::in_dir(dir.path())
         };
-        let store = SqliteStore::open(&config).unwrap();
+        let store = Arc::new(SqliteStore::open(&config).unwrap());
         let alice = store.create_user("alice", "h").await.unwrap().id;
         let bob = store.create_user("bob", "h").await.unwrap().id;
         let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
-        // One commit each, several log pages each: thousands of pages in all, against a
-        // log that starts over at 100.
-        for n in 0..600 {
-            let sent = store
+        // About one log page per message: each body fills most of a page.
+        let send = move |store: Arc<SqliteStore>, key: String| async move {
+            store
                 .append_message(
                     NewMessage {
                         thread_id: thread,
                         sender_id: alice,
                         sender_device_id: DeviceId::new(),
-                        client_msg_id: format!("m{n}"),
+                        body: format!("{key} {}", "x".repeat(3000)),
+                        client_msg_id: key,
                         kind: MessageKind::Text,
-                        body: format!("message {n} {}", "x".repeat(500)),
                     },
                     Box::new(|_| {}),
                 )
                 .await
-                .unwrap();
-            assert_eq!(sent.message.seq, n + 1);
-        }
-        // Every commit adds at least one page to the log, so without a restart it would
-        // hold 600 or more. Its file never shrinks: its size shows the longest it got.
-        let wal = std::fs::metadata(dir.path().join("pigeon.db-wal"))
+                .unwrap()
+        };
+        let page_size: i64 = Connection::open(&config.path)
             .unwrap()
-            .len();
-        let longest = wal.saturating_sub(32) / (4096 + 24);
-        assert!(longest < 300, "the log grew to {longest} pages");
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .unwrap();
+        let page_size = page_size.unsigned_abs();
+        // The log's file never shrinks: its size shows the longest the log got.
+        let longest_log = || {
+            let wal = std::fs::metadata(dir.path().join("pigeon.db-wal")).unwrap();
+            wal.len().saturating_sub(32) / (page_size + 24)
+        };
+
+        // The log starts over only when the writer finishes a checkpoint between two
+        // batches: without that, it grew past 4,000 pages in this test. First one commit
+        // at a time, then sixteen senders at once, whose commits overlap the thread's copies.
+        for n in 0..600 {
+            assert_eq!(
+                send(store.clone(), format!("a{n}")).await.message.seq,
+                n + 1
+            );
+        }
+        let after_sequential = longest_log();
+        let senders = (0..16).map(|task| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for n in 0..100 {
+                    send(store.clone(), format!("b{task}-{n}")).await;
+                }
+            })
+        });
+        for sender in futures::future::join_all(senders).await {
+            sender.unwrap();
+        }
+        // Without restarts the log would hold every one of the 2,200 pages or more; here it
+        // starts over at 100.
+        let longest = longest_log();
+        assert!(
+            after_sequential < 300 && longest < 800,
+            "the log grew to {after_sequential} pages, then to {longest}"
+        );
         store.close().await;
 
         // Nothing was lost on the way: every message is there, in order, after a reopen.
@@ -1552,7 +1595,7 @@ mod tests {
             after = last.seq;
             seqs.extend(page.iter().map(|m| m.seq));
         }
-        assert_eq!(seqs, (1..=600).collect::<Vec<u64>>());
+        assert_eq!(seqs, (1..=2200).collect::<Vec<u64>>());
         store.close().await;
     }
 }
