@@ -116,10 +116,11 @@ struct Queue {
     frames: VecDeque<Utf8Bytes>,
     /// Set once; taken by the session after the frames queued before it.
     close: Option<(u16, &'static str)>,
-    /// The close has been handed to the session.
+    /// The close has been handed to the session, or the session stopped: nothing more is
+    /// taken.
     closed: bool,
     /// The session holds frames it took and has not finished writing, or is not serving
-    /// yet: events queue. (Once it stops, `closed` is set too and events are refused.)
+    /// yet: events queue.
     busy: bool,
     /// A write stopped inside its buffer: nothing else may go out until it is finished.
     partial: bool,
@@ -139,7 +140,8 @@ pub(crate) struct Mailbox {
 }
 
 impl Mailbox {
-    /// An empty mailbox holding at most `capacity` frames, not yet taking direct writes
+    /// An empty mailbox holding at most `capacity` frames (or, when empty, one longer run
+    /// of events), not yet taking direct writes
     /// (until [`Mailbox::ready`]).
     pub(crate) fn new(capacity: usize, now: u64, stream: Option<TcpStream>) -> Self {
         Self {
@@ -241,9 +243,7 @@ impl Mailbox {
     /// The session is ending: nothing is written directly any more (not after its close
     /// frame, above all), and nothing more is queued.
     pub(crate) fn stop(&self) {
-        let mut queue = self.lock();
-        queue.busy = true;
-        queue.closed = true;
+        self.lock().closed = true;
     }
 
     /// The next thing to do, if any is ready now. Taking a frame makes the session busy

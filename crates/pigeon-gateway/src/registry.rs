@@ -56,6 +56,10 @@ struct Conns {
     frames_out: metrics::Counter,
 }
 
+/// A set of fan-out shards, a bit each.
+type ShardSet = u8;
+/// Fan-out threads at most: one per core, as many as a [`ShardSet`] has bits.
+const MAX_SHARDS: usize = ShardSet::BITS as usize;
 /// Envelopes with at least this many users are split over the fan-out threads.
 const SHARDED_FROM: usize = 128;
 
@@ -141,7 +145,8 @@ impl Registry {
             slow_consumers: metrics::counter!("pigeon_slow_consumer_closes_total"),
             frames_out: metrics::counter!("pigeon_frames_out_total"),
         });
-        let count = std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 8));
+        let count =
+            std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, MAX_SHARDS));
         let shards = (0..count)
             .map(|index| {
                 let shard = Arc::new(Shard {
@@ -255,8 +260,9 @@ impl Drop for Registry {
 
 impl Deliver for Registry {
     fn resync(&self) {
-        self.conns.close_all(&|_| true, LOST);
+        let closed = self.conns.close_all(&|_| true, LOST);
         tracing::warn!(
+            closed,
             connections = self.len(),
             "asked every local connection to sync again"
         );
@@ -270,11 +276,10 @@ impl Deliver for Registry {
             }
             return;
         }
-        // The shards of its users (at most 8, so a bit each).
-        let touched = envelope
-            .users
-            .iter()
-            .fold(0u8, |bits, user| bits | 1 << shard_of(user, count));
+        // The shards of its users, a bit each.
+        let touched = envelope.users.iter().fold(0 as ShardSet, |bits, user| {
+            bits | 1 << shard_of(user, count)
+        });
         let busy = |index: usize| self.shards[index].pending.load(Ordering::Acquire) > 0;
         if (0..count).any(|index| touched & 1 << index != 0 && busy(index)) {
             for (index, shard) in self.shards.iter().enumerate() {

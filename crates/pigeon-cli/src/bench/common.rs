@@ -9,7 +9,7 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use pigeon_client::Session;
-use pigeon_proto::ServerFrame;
+use pigeon_proto::{ServerFrame, ThreadId};
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -95,6 +95,21 @@ pub(crate) async fn connect(
         Some(Ok(WsMessage::Text(text))) if text.contains("\"welcome\"") => Ok(socket),
         other => bail!("no welcome: {other:?}"),
     }
+}
+
+/// Sends a text message into a thread: a `send` request numbered `id`.
+pub(crate) async fn send_text(
+    sink: &mut Sink,
+    id: i64,
+    thread_id: ThreadId,
+    client_msg_id: String,
+    body: String,
+) -> anyhow::Result<()> {
+    let frame = serde_json::json!({
+        "type": "send", "id": id, "thread_id": thread_id,
+        "client_msg_id": client_msg_id, "body": body,
+    });
+    send_json(sink, &frame).await
 }
 
 pub(crate) async fn send_json(sink: &mut Sink, value: &serde_json::Value) -> anyhow::Result<()> {

@@ -262,12 +262,9 @@ async fn connection(
                     };
                     let n = stats.sent;
                     next_id += 1;
-                    let frame = json!({
-                        "type": "send", "id": next_id, "thread_id": thread_id,
-                        "client_msg_id": format!("{index}-{n}"),
-                        "body": common::padded(&format!("{index}:{n}:{sent_at}:"), body_size),
-                    });
-                    if common::send_json(&mut sink, &frame).await.is_err() {
+                    let body = common::padded(&format!("{index}:{n}:{sent_at}:"), body_size);
+                    let sent = common::send_text(&mut sink, next_id, thread_id, format!("{index}-{n}"), body);
+                    if sent.await.is_err() {
                         break 'run;
                     }
                     in_flight.insert(next_id, (n, sent_at));

@@ -300,12 +300,9 @@ async fn sender(
         let at = common::micros_since(start);
         sent_at[n].store(at, Ordering::Relaxed);
         id += 1;
-        let frame = json!({
-            "type": "send", "id": id, "thread_id": thread_id,
-            "client_msg_id": format!("g{index}-{n}"),
-            "body": common::padded(&format!("{n}:{at}:"), body_size),
-        });
-        if common::send_json(&mut sink, &frame).await.is_err() {
+        let body = common::padded(&format!("{n}:{at}:"), body_size);
+        let sent = common::send_text(&mut sink, id, thread_id, format!("g{index}-{n}"), body);
+        if sent.await.is_err() {
             break;
         }
         next = match interval {

@@ -38,7 +38,7 @@ pub(super) async fn append_user_events(
         "UPDATE users u SET last_event_seq = u.last_event_seq + c.added
              FROM unnest($1::uuid[], $2::bigint[]) AS c(id, added)
              WHERE u.id = c.id
-             RETURNING u.id, u.last_event_seq",
+             RETURNING u.id, u.last_event_seq, c.added",
         &[&ids, &added],
     )
     .await?;
@@ -47,8 +47,8 @@ pub(super) async fn append_user_events(
     for row in &rows {
         let user = UserId::from_uuid(row.try_get(0)?);
         let last = to_u64(row.try_get(1)?);
-        let count = counts.get(&user).copied().unwrap_or(1);
-        next.insert(user, last + 1 - to_u64(count));
+        let added: i64 = row.try_get(2)?;
+        next.insert(user, last + 1 - to_u64(added));
     }
 
     let mut records = Vec::with_capacity(events.len());

@@ -13,7 +13,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::TryRecvError;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -53,8 +53,9 @@ pub struct SqliteConfig {
     pub path: PathBuf,
     /// Reader connections in the pool.
     pub readers: usize,
-    /// WAL pages at which the log is copied into the database file. Every page the writer
-    /// reads is looked up in the log first, so a long log slows every transaction.
+    /// Uncopied WAL pages at which the log is copied into the database file. Every page a
+    /// transaction reads is looked up in the uncopied part of the log first, so a long one
+    /// slows every transaction.
     pub checkpoint_pages: u32,
 }
 
@@ -1187,11 +1188,10 @@ fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite:
 /// restart; the writer tries again once `pages` more are uncopied.
 struct Checkpoints {
     request: std::sync::mpsc::SyncSender<()>,
+    /// One answer per request once its copy is done: the log pages copied by then, if the
+    /// checkpoint could tell. Disconnected once the thread has stopped.
+    copies: std::sync::mpsc::Receiver<Option<u32>>,
     thread: std::thread::JoinHandle<()>,
-    /// Set by the checkpoint thread when a requested copy is done.
-    copied: Arc<AtomicBool>,
-    /// Log pages copied into the database file by the thread's last checkpoint.
-    backfilled: Arc<AtomicU32>,
     copying: bool,
     /// The log's length after the last batch: a shorter log means it started over.
     last_pages: u32,
@@ -1211,9 +1211,7 @@ impl Checkpoints {
             .map_err(map_err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(map_err)?;
         let (request, requests) = std::sync::mpsc::sync_channel::<()>(1);
-        let copied = Arc::new(AtomicBool::new(false));
-        let backfilled = Arc::new(AtomicU32::new(0));
-        let (done, progress) = (copied.clone(), backfilled.clone());
+        let (copied, copies) = std::sync::mpsc::sync_channel::<Option<u32>>(1);
         let thread = std::thread::Builder::new()
             .name("pigeon-sqlite-checkpoint".into())
             .spawn(move || {
@@ -1225,26 +1223,29 @@ impl Checkpoints {
                     // committed meanwhile at once, while they are few, leaves the writer
                     // less to copy before a restart (about 5 ms against 9 at 20,000 msg/s).
                     let mut before = None;
+                    let mut pages = None;
                     for _ in 0..3 {
-                        let Some((log, copied)) = checkpoint(&conn, &seconds) else {
+                        let Some((log, done)) = checkpoint(&conn, &seconds) else {
                             break;
                         };
-                        progress.store(copied, Ordering::Relaxed);
+                        pages = Some(done);
                         if before.is_some_and(|before: u32| log.saturating_sub(before) <= 64) {
                             break;
                         }
                         before = Some(log);
                     }
-                    done.store(true, Ordering::Release);
+                    // The writer holds one request at a time, so this never waits.
+                    if copied.send(pages).is_err() {
+                        break;
+                    }
                 }
             })
             .map_err(|e| StoreError::Internal(format!("spawn checkpoint: {e}")))?;
         let pages = pages.max(1);
         Ok(Self {
             request,
+            copies,
             thread,
-            copied,
-            backfilled,
             copying: false,
             last_pages: 0,
             copied_upto: 0,
@@ -1271,24 +1272,29 @@ impl Checkpoints {
         }
         self.last_pages = pages;
         if self.copying {
-            if self.copied.swap(false, Ordering::Acquire) {
-                self.copying = false;
-                // Had the log started over since, its new pages are the few written since.
-                self.copied_upto = self.backfilled.load(Ordering::Relaxed).min(pages);
-                if pages >= self.restart_pages {
-                    self.checkpoint_here(conn, pages);
-                    return;
+            match self.copies.try_recv() {
+                Ok(copied) => {
+                    self.copying = false;
+                    // Had the log started over since, its new pages are the few written
+                    // since.
+                    if let Some(copied) = copied {
+                        self.copied_upto = copied.min(pages);
+                    }
+                    if pages >= self.restart_pages {
+                        self.checkpoint_here(conn, pages);
+                        return;
+                    }
                 }
-            } else if self.thread.is_finished() {
-                tracing::error!("the WAL checkpoint thread stopped; the writer checkpoints");
-                self.copying = false;
-            } else {
-                return;
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    tracing::error!("the WAL checkpoint thread stopped; the writer checkpoints");
+                    self.copying = false;
+                }
             }
         }
         if pages.saturating_sub(self.copied_upto) >= self.pages {
             // The thread only ends early by panicking; then the writer copies instead.
-            if !self.thread.is_finished() && self.request.try_send(()).is_ok() {
+            if self.request.try_send(()).is_ok() {
                 self.copying = true;
             } else {
                 self.checkpoint_here(conn, pages);
