@@ -61,6 +61,9 @@ pub(crate) struct Engine {
     identity: Option<Identity>,
     /// The server's body limit (from `welcome`; the default until known).
     max_body: usize,
+    /// The server's frame limit (from `welcome`; the default until known): it bounds how
+    /// many threads one `sync` may list in `have`.
+    max_frame: usize,
     needs_sync: bool,
     /// When a gap was first noticed (a sync waits for it to persist briefly).
     gap_seen: Option<Instant>,
@@ -105,6 +108,7 @@ impl Engine {
             in_flight: HashMap::new(),
             identity: None,
             max_body: 16 * 1024,
+            max_frame: 64 * 1024,
             needs_sync: false,
             gap_seen: None,
             last_sync: Instant::now(),
@@ -182,6 +186,9 @@ impl Engine {
         };
         if let Some(max_body) = identity.max_body_bytes {
             self.max_body = max_body;
+        }
+        if let Some(max_frame) = identity.max_frame_bytes {
+            self.max_frame = max_frame;
         }
         self.identity = Some(identity);
         Ok(connection)
@@ -294,29 +301,57 @@ impl Engine {
                     self.know(thread.thread_id, thread.last_seq);
                 }
             }
-            let heads = self.ordering.contiguous.clone();
-            let answer = self
-                .call(connection, sync_frame(heads, Some(u64::MAX)))
-                .await?;
-            if let ServerFrame::Sync { event_cursor, .. } = answer {
-                self.set_cursor(event_cursor);
-            }
-            // Messages of threads created during these calls wait on a sync.
-            if self.needs_sync {
-                return self.sync(connection).await;
-            }
-            return Ok(());
+            // Every thread's head is held now; the sync only finds what came since, and
+            // starts the event log at its present end.
+            return self.sync_pages(connection, true).await;
         }
         self.sync(connection).await
     }
 
     /// Runs `sync` pages until nothing more is missing.
     async fn sync(&mut self, connection: &mut Connection) -> Result<(), End> {
+        self.sync_pages(connection, false).await
+    }
+
+    /// Runs `sync` pages over the whole thread id space, one range at a time: each range
+    /// holds as many known threads as one frame can list in `have`, so a user with
+    /// thousands of threads syncs like one with ten. With `from_now`, the event log is
+    /// taken from its present end instead of from the cursor.
+    async fn sync_pages(&mut self, connection: &mut Connection, from_now: bool) -> Result<(), End> {
         self.needs_sync = false;
         self.gap_seen = None;
+        let per_page = have_capacity(self.max_frame);
+        let mut from: Option<ThreadId> = None;
+        let mut events_after = if from_now {
+            u64::MAX
+        } else {
+            self.event_cursor.unwrap_or(0)
+        };
         loop {
-            let have = self.ordering.contiguous.clone();
-            let frame = sync_frame(have.clone(), Some(self.event_cursor.unwrap_or(0)));
+            // The known threads from `from` on, in id order; the range ends where the
+            // frame would be full.
+            let mut known: Vec<ThreadId> = self
+                .ordering
+                .contiguous
+                .keys()
+                .copied()
+                .filter(|id| from.is_none_or(|from| *id >= from))
+                .collect();
+            known.sort_unstable();
+            let before = known.get(per_page).copied();
+            known.truncate(per_page);
+            let have: HashMap<ThreadId, u64> = known
+                .iter()
+                .map(|id| (*id, self.ordering.contiguous[id]))
+                .collect();
+            let frame = ClientFrame::Sync {
+                id: crate::placeholder(),
+                have: have.clone(),
+                limit: Some(SYNC_PAGE),
+                events_after: Some(events_after),
+                threads_from: from,
+                threads_before: before,
+            };
             let answer = self.call(connection, frame).await?;
             let ServerFrame::Sync {
                 threads,
@@ -341,6 +376,7 @@ impl Engine {
             if events_reset {
                 self.emit(Event::EventsReset);
             }
+            let got_events = !events.is_empty();
             for record in events {
                 // A live event may have been applied while this call was in flight.
                 if record.seq > self.event_cursor.unwrap_or(0) {
@@ -349,21 +385,36 @@ impl Engine {
                 }
             }
             self.set_cursor(event_cursor);
+            events_after = self.event_cursor.unwrap_or(event_cursor);
             let known: Vec<ThreadId> = self.ordering.contiguous.keys().copied().collect();
             for thread in known {
                 for message in self.ordering.drain(thread) {
                     self.deliver(message);
                 }
             }
-            let advanced = self.ordering.contiguous != have;
-            if !more || !advanced {
-                self.last_sync = Instant::now();
-                // Whatever still waits (a thread created after this snapshot) asks again,
-                // after the delay.
-                self.needs_sync = self.ordering.has_waiting();
-                return Ok(());
+            let advanced = got_events
+                || have
+                    .iter()
+                    .any(|(id, held)| self.ordering.contiguous.get(id) != Some(held))
+                || self
+                    .ordering
+                    .contiguous
+                    .keys()
+                    .any(|id| !have.contains_key(id) && in_range(*id, from, before));
+            if more && advanced {
+                // The same range again, from where it now stands.
+                continue;
+            }
+            match before {
+                Some(next) => from = Some(next),
+                None => break,
             }
         }
+        self.last_sync = Instant::now();
+        // Whatever still waits (a thread created after this snapshot) asks again, after
+        // the delay.
+        self.needs_sync = self.ordering.has_waiting();
+        Ok(())
     }
 
     /// Sends a request and waits for its answer, handling whatever else arrives meanwhile.
@@ -657,13 +708,14 @@ impl Engine {
     }
 }
 
-fn sync_frame(have: HashMap<ThreadId, u64>, events_after: Option<u64>) -> ClientFrame {
-    ClientFrame::Sync {
-        id: crate::placeholder(),
-        have,
-        limit: Some(SYNC_PAGE),
-        events_after,
-    }
+/// How many threads one `sync` may list in `have` within a frame of `max_frame` bytes: an
+/// entry is at most 60 bytes (`"<36-char id>":<20 digits>,`), and 1 KiB is left for the rest.
+fn have_capacity(max_frame: usize) -> usize {
+    (max_frame.saturating_sub(1024) / 64).max(1)
+}
+
+fn in_range(id: ThreadId, from: Option<ThreadId>, before: Option<ThreadId>) -> bool {
+    from.is_none_or(|from| id >= from) && before.is_none_or(|before| id < before)
 }
 
 /// The request id of an answer, if the frame is one (and the id is ours: an integer).

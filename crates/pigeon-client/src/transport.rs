@@ -31,6 +31,8 @@ pub(crate) struct Identity {
     pub(crate) device_id: pigeon_proto::DeviceId,
     /// The server's body limit, when it said (WebSocket `welcome`).
     pub(crate) max_body_bytes: Option<usize>,
+    /// The server's frame limit, when it said (WebSocket `welcome`).
+    pub(crate) max_frame_bytes: Option<usize>,
 }
 
 pub(crate) struct Connection {
@@ -95,11 +97,13 @@ impl Connection {
                     user_id,
                     device_id,
                     max_body_bytes,
+                    max_frame_bytes,
                     ..
                 }) => Identity {
                     user_id,
                     device_id,
                     max_body_bytes: Some(max_body_bytes),
+                    max_frame_bytes: Some(max_frame_bytes),
                 },
                 _ => return Err(Error::Unexpected(text.to_string())),
             },
@@ -189,6 +193,7 @@ impl Connection {
                 user_id: me.user_id,
                 device_id: me.device_id,
                 max_body_bytes: None,
+                max_frame_bytes: None,
             },
         ))
     }

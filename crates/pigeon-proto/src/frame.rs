@@ -89,6 +89,14 @@ pub enum ClientFrame {
         /// The highest per-user event seq the client holds; events after it are returned.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         events_after: Option<u64>,
+        /// Only threads with an id at or after this one are considered (ids in byte order,
+        /// which is the order of their lowercase text). With `threads_before`, a client
+        /// holding more threads than one frame can list syncs them range by range.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        threads_from: Option<ThreadId>,
+        /// Only threads with an id before this one are considered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        threads_before: Option<ThreadId>,
     },
     /// Lists the caller's conversations, most recent first, with the total unread.
     Threads {
@@ -788,6 +796,8 @@ mod tests {
                 have: HashMap::new(),
                 limit: None,
                 events_after: None,
+                threads_from: None,
+                threads_before: None,
             }
         );
     }

@@ -62,6 +62,8 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
             have: have.clone(),
             limit: Some(500),
             events_after: None,
+            threads_from: None,
+            threads_before: None,
         };
         let page_started = Instant::now();
         let ServerFrame::Sync {

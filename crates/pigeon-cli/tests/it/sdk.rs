@@ -289,3 +289,93 @@ async fn a_member_removed_and_added_again_keeps_receiving() {
     }
     assert_eq!(seen, ["before", "welcome back"]);
 }
+
+/// Text messages until `count` have arrived, as (thread, body). A client that keeps
+/// reconnecting without getting them fails here within a minute.
+async fn collect_texts(events: &mut Events, count: usize) -> Vec<(pigeon_proto::ThreadId, String)> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < count {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(Event::Message(message)))
+                if message.kind == pigeon_proto::MessageKind::Text =>
+            {
+                seen.push((message.thread_id, message.body))
+            }
+            Ok(Some(Event::Fatal(error))) => panic!("client stopped: {error}"),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("client ended after {} messages", seen.len()),
+            Err(_) => panic!("only {} of {count} messages within 60 s", seen.len()),
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_more_threads_than_one_frame_can_list_syncs_them_all() {
+    // 4 KiB frames: one `sync` can list about 48 threads in `have`; the user holds 120.
+    const GROUPS: usize = 120;
+    let server = Server::start(&[
+        "--max-frame-bytes",
+        "4096",
+        "--rate-limit",
+        "100000",
+        "--rate-burst",
+        "100000",
+    ]);
+    let base = server.base_url();
+    server.user("hub").await;
+    server.user("pal").await;
+    let connect = |name: &'static str, cache: Option<std::path::PathBuf>| {
+        let base = base.clone();
+        async move {
+            let session = pigeon_client::login(&base, name, PASSWORD, "sdk")
+                .await
+                .unwrap();
+            let mut config = ClientConfig::new(&base, &session.token);
+            config.cache = cache;
+            Client::connect(config).unwrap()
+        }
+    };
+    let (pal, _pal_events) = connect("pal", None).await;
+    let mut groups = Vec::new();
+    for n in 0..GROUPS {
+        let group = pal.create_group(&format!("g{n}"), &["hub"]).await.unwrap();
+        pal.send_text(Target::Thread(group.thread_id), format!("first {n}"))
+            .await
+            .unwrap();
+        groups.push(group.thread_id);
+    }
+
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = cache_dir.path().join("hub.db");
+    let (hub, mut hub_events) = connect("hub", Some(cache.clone())).await;
+    let first = collect_texts(&mut hub_events, GROUPS).await;
+    let expected: BTreeSet<_> = (0..GROUPS)
+        .map(|n| (groups[n], format!("first {n}")))
+        .collect();
+    assert_eq!(first.iter().cloned().collect::<BTreeSet<_>>(), expected);
+    hub.close().await;
+
+    for (n, thread_id) in groups.iter().enumerate() {
+        pal.send_text(Target::Thread(*thread_id), format!("second {n}"))
+            .await
+            .unwrap();
+    }
+    // Listing every thread in one `have` is more than a frame may carry.
+    let hub_device = server.login("hub").await;
+    let mut raw = hub_device.connect(&server).await;
+    let have: std::collections::HashMap<_, u64> = groups.iter().map(|id| (*id, 2)).collect();
+    raw.send_json(&serde_json::json!({"type": "sync", "id": 1, "have": have}))
+        .await;
+    assert_eq!(raw.close_code().await, Some(1009));
+
+    // The client comes back holding all 120 threads and syncs them range by range.
+    let (_hub, mut hub_events) = connect("hub", Some(cache)).await;
+    let second = collect_texts(&mut hub_events, GROUPS).await;
+    let expected: BTreeSet<_> = (0..GROUPS)
+        .map(|n| (groups[n], format!("second {n}")))
+        .collect();
+    assert_eq!(second.len(), GROUPS, "each once");
+    assert_eq!(second.into_iter().collect::<BTreeSet<_>>(), expected);
+}

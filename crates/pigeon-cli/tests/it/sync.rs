@@ -132,3 +132,49 @@ async fn history_pages_backwards_and_fills_gaps_forwards() {
     assert_eq!(seqs(&gap), vec![5, 6, 7, 8]);
     assert_eq!(gap["more"], false);
 }
+
+#[tokio::test]
+async fn sync_ranges_cover_only_the_threads_whose_ids_fall_in_them() {
+    let server = Server::start(&[]);
+    let hub = server.user("hub").await;
+    let mut h = hub.connect(&server).await;
+    let mut threads = Vec::new();
+    for peer in ["peer1", "peer2", "peer3", "peer4"] {
+        let device = server.user(peer).await;
+        let mut ws = device.connect(&server).await;
+        let sent = send(&mut ws, "hub", &format!("{peer}-1"), "hello").await;
+        threads.push(sent["thread_id"].as_str().unwrap().to_owned());
+    }
+    // Ids in byte order are ids in text order.
+    threads.sort();
+    let in_answer = |answer: &serde_json::Value| -> Vec<String> {
+        let mut ids: Vec<String> = answer["threads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["thread_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+
+    let middle = h
+        .request(json!({"type": "sync", "threads_from": threads[1], "threads_before": threads[3]}))
+        .await;
+    assert_eq!(in_answer(&middle), threads[1..3].to_vec(), "{middle}");
+    assert_eq!(middle["messages"].as_array().unwrap().len(), 2);
+    let head = h
+        .request(json!({"type": "sync", "threads_before": threads[1]}))
+        .await;
+    assert_eq!(in_answer(&head), threads[..1].to_vec(), "{head}");
+    let tail = h
+        .request(json!({"type": "sync", "threads_from": threads[3]}))
+        .await;
+    assert_eq!(in_answer(&tail), threads[3..].to_vec(), "{tail}");
+
+    let backwards = h
+        .request(json!({"type": "sync", "threads_from": threads[2], "threads_before": threads[2]}))
+        .await;
+    assert_eq!(backwards["type"], "error", "{backwards}");
+    assert_eq!(backwards["code"], "invalid_field");
+}

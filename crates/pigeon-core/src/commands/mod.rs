@@ -84,7 +84,15 @@ pub(crate) async fn execute(
             have,
             limit,
             events_after,
-        } => sync::execute(chat, caller, id, &have, limit, events_after).await,
+            threads_from,
+            threads_before,
+        } => {
+            let range = sync::Range {
+                from: threads_from,
+                before: threads_before,
+            };
+            sync::execute(chat, caller, id, &have, limit, events_after, range).await
+        }
         ClientFrame::Threads { id } => threads::execute(chat, caller, id).await,
         ClientFrame::Presence { id, user } => presence::execute(chat, caller, id, &user).await,
         ClientFrame::Devices { id } => devices::list(chat, caller, id).await,

@@ -5,12 +5,26 @@ use std::collections::HashMap;
 use pigeon_proto::{ReqId, ServerFrame, ThreadId};
 use pigeon_store::{PageFrom, SeqRange};
 
-use crate::{Caller, ChatService, Result};
+use crate::{Caller, ChatError, ChatService, Result};
 
 const DEFAULT_LIMIT: u32 = 500;
 const MAX_LIMIT: u32 = 1000;
 /// Most per-user events in one page.
 const MAX_EVENTS: u32 = 500;
+
+/// The part of the thread id space one `sync` covers: all of it by default. A client with
+/// more threads than one frame can list in `have` walks the space range by range.
+pub(crate) struct Range {
+    pub(crate) from: Option<ThreadId>,
+    pub(crate) before: Option<ThreadId>,
+}
+
+impl Range {
+    fn contains(&self, thread_id: ThreadId) -> bool {
+        self.from.is_none_or(|from| thread_id >= from)
+            && self.before.is_none_or(|before| thread_id < before)
+    }
+}
 
 /// Threads the client does not know, or with messages past what it holds, are returned
 /// with those messages (oldest first), up to `limit` messages per page. `more` asks the
@@ -23,12 +37,23 @@ pub(crate) async fn execute(
     have: &HashMap<ThreadId, u64>,
     limit: Option<u32>,
     events_after: Option<u64>,
+    range: Range,
 ) -> Result<ServerFrame> {
+    if let (Some(from), Some(before)) = (range.from, range.before)
+        && from >= before
+    {
+        return Err(ChatError::InvalidField(
+            "threads_before: must come after threads_from".into(),
+        ));
+    }
     let limit = limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT) as u64;
     let mut threads = Vec::new();
     let mut messages = Vec::new();
     let mut more = false;
     for summary in chat.store.list_threads(caller.user_id).await? {
+        if !range.contains(summary.thread_id) {
+            continue;
+        }
         let held = have.get(&summary.thread_id).copied();
         // Never below what the member may see.
         let from_seq = held.unwrap_or(0).max(summary.joined_seq);
