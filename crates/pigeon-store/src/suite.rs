@@ -22,6 +22,7 @@ macro_rules! store_suite {
             one_direct_thread_per_pair,
             seqs_are_gap_free_under_concurrent_senders,
             resends_are_deduplicated,
+            sends_queued_together_each_get_their_own_answer,
             commit_hooks_run_in_seq_order,
             only_members_may_append_or_mark,
             markers_only_move_forward,
@@ -171,6 +172,65 @@ pub(crate) async fn seqs_are_gap_free_under_concurrent_senders(store: &dyn Store
     assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
     let membership = store.get_membership(thread, alice).await.unwrap();
     assert_eq!(membership.last_seq, 200);
+}
+
+/// Sends that wait together share one transaction in both stores: a send that breaks a
+/// rule, and a key sent twice at once, must not spoil the others.
+pub(crate) async fn sends_queued_together_each_get_their_own_answer(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let carol = user(store, "carol").await;
+    let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    let mut sends: Vec<NewMessage> = (0..20)
+        .map(|n| {
+            text(
+                thread,
+                if n % 2 == 0 { alice } else { bob },
+                &format!("c{n}"),
+            )
+        })
+        .collect();
+    sends.insert(5, text(thread, carol, "not-a-member"));
+    sends.insert(9, text(ThreadId::new(), alice, "no-such-thread"));
+    for at in [3, 12, 17] {
+        sends.insert(at, text(thread, alice, "twice"));
+    }
+    let outcomes = join_all(sends.iter().cloned().map(|msg| append(store, msg))).await;
+
+    let mut seqs = Vec::new();
+    let mut twice = Vec::new();
+    for (msg, outcome) in sends.iter().zip(outcomes) {
+        match msg.client_msg_id.as_str() {
+            "not-a-member" => assert!(matches!(outcome, Err(StoreError::NotMember)), "{outcome:?}"),
+            "no-such-thread" => {
+                assert!(
+                    matches!(outcome, Err(StoreError::ThreadNotFound)),
+                    "{outcome:?}"
+                )
+            }
+            key => {
+                let appended = outcome.unwrap();
+                assert_eq!(appended.message.client_msg_id, key);
+                assert_eq!(appended.members.len(), 2);
+                if key == "twice" {
+                    twice.push(appended);
+                } else {
+                    assert!(!appended.duplicate);
+                    seqs.push(appended.message.seq);
+                }
+            }
+        }
+    }
+    // The key sent three times was stored once; the other two answers are that message.
+    assert_eq!(twice.iter().filter(|a| !a.duplicate).count(), 1);
+    assert!(twice.iter().all(|a| a.message == twice[0].message));
+    seqs.push(twice[0].message.seq);
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=21).collect::<Vec<u64>>());
+    assert_eq!(
+        store.get_membership(thread, alice).await.unwrap().last_seq,
+        21
+    );
 }
 
 pub(crate) async fn resends_are_deduplicated(store: &dyn Store) {

@@ -28,10 +28,28 @@ impl ThreadTurns {
         }
     }
 
-    /// Waits for the thread's turn (first come, first served). Hold one turn at a time:
-    /// taking a second could deadlock against another task holding them the other way.
+    /// Waits for the thread's turn (first come, first served). Hold one turn at a time,
+    /// or take several at once with [`Self::take_all`]: taking a second one later could
+    /// deadlock against another task holding them the other way.
     pub(super) async fn take(&self, thread_id: ThreadId) -> MutexGuard<'_, ()> {
         self.stripes[stripe_of(thread_id)].lock().await
+    }
+
+    /// Waits for the turns of all these threads (a batch of sends). Stripes are taken in
+    /// ascending order, each once, so two tasks taking overlapping sets never wait for
+    /// each other in a cycle, nor for a task holding a single turn.
+    pub(super) async fn take_all(
+        &self,
+        threads: impl IntoIterator<Item = ThreadId>,
+    ) -> Vec<MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = threads.into_iter().map(stripe_of).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut turns = Vec::with_capacity(stripes.len());
+        for stripe in stripes {
+            turns.push(self.stripes[stripe].lock().await);
+        }
+        turns
     }
 }
 

@@ -1,107 +1,21 @@
-//! Appending messages with the thread's next seq, reading pages, moving markers.
-//!
-//! A send is four round trips: BEGIN; the thread row's lock with the rules checked and the
-//! dedupe key looked up right after it (pipelined); the seq, key, message and sender's
-//! markers written (pipelined); COMMIT.
+//! Writing one message with the thread's next seq (a group change's system message),
+//! reading pages, moving markers. Sends are batched: see [`super::batch`].
 
 use deadpool_postgres::Transaction;
-use pigeon_proto::{MarkKind, Message, MessageId, ThreadId, UserEvent, UserId};
+use pigeon_proto::{MarkKind, Message, ThreadId, UserEvent, UserId};
 use uuid::Uuid;
 
 use super::Shared;
 use super::error::{Error, PgResult};
 use super::members::{INLINE_MEMBERS, MemberCache};
 use super::sql::{execute, message_at, query, query_one, query_opt};
-use super::threads::{load_members, resolve_members};
+use super::threads::resolve_members;
 use super::user_events::append_user_events;
-use crate::common::{message_kind_str, now_ms, to_i64, to_u64};
-use crate::{Appended, MarkerUpdate, NewMessage, PageFrom, SeqRange, StoreError};
+use crate::common::{message_kind_str, to_i64, to_u64};
+use crate::{MarkerUpdate, PageFrom, SeqRange, StoreError};
 
 /// Locks the thread's row until COMMIT: senders and group changes on every node queue here.
 pub(super) const LOCK_THREAD: &str = "SELECT 1 FROM threads WHERE id = $1 FOR NO KEY UPDATE";
-
-pub(super) async fn append(
-    cache: &MemberCache,
-    tx: &Transaction<'_>,
-    msg: &NewMessage,
-) -> PgResult<Appended> {
-    let thread_id = msg.thread_id.as_uuid();
-    let sender = msg.sender_id.as_uuid();
-    // The head is read by a statement that starts once the lock is held, so it sees every
-    // change committed before (a statement that waited for the lock would not).
-    // One after the other: a statement cached on this connection would otherwise be
-    // sent before an earlier one still being prepared, and run first.
-    query_opt(tx, LOCK_THREAD, &[thread_id]).await?;
-    let (head, existing) = futures::future::try_join(
-        query_opt(
-            tx,
-            "SELECT t.kind, t.closed, t.last_seq, t.members_version,
-                    EXISTS (SELECT 1 FROM members WHERE thread_id = t.id AND user_id = $2),
-                    t.kind = 'direct' AND EXISTS (
-                        SELECT 1 FROM members p
-                        JOIN contacts c ON c.owner_id = p.user_id AND c.peer_id = $2 AND c.blocked
-                        WHERE p.thread_id = t.id AND p.user_id <> $2),
-                    CASE WHEN t.member_count <= $3
-                         THEN ARRAY(SELECT user_id FROM members WHERE thread_id = t.id ORDER BY user_id) END
-             FROM threads t WHERE t.id = $1",
-            &[thread_id, sender, &INLINE_MEMBERS],
-        ),
-        query_opt(
-            tx,
-            "SELECT m.id, m.thread_id, m.seq, m.sender_id, m.sender_device_id, m.client_msg_id,
-                    m.kind, m.body, m.created_at
-             FROM message_keys k JOIN messages m ON m.thread_id = k.thread_id AND m.seq = k.seq
-             WHERE k.sender_id = $1 AND k.client_msg_id = $2",
-            &[sender, &msg.client_msg_id],
-        ),
-    ).await?;
-    let head = head.ok_or(StoreError::ThreadNotFound)?;
-    if !head.try_get::<_, bool>(4)? {
-        return Err(StoreError::NotMember.into());
-    }
-    if head.try_get::<_, bool>(1)? {
-        return Err(StoreError::GroupClosed.into());
-    }
-    // A user who blocked the sender gets no direct messages from them.
-    if head.try_get::<_, bool>(5)? {
-        return Err(StoreError::Blocked.into());
-    }
-    let inline: Option<Vec<Uuid>> = head.try_get(6)?;
-    let members = resolve_members(cache, tx, msg.thread_id, head.try_get(3)?, inline).await?;
-
-    if let Some(row) = existing {
-        let message = message_at(&row, 0)?;
-        let members = if message.thread_id == msg.thread_id {
-            members
-        } else {
-            load_members(cache, tx, message.thread_id).await?
-        };
-        return Ok(Appended {
-            message,
-            duplicate: true,
-            members,
-        });
-    }
-
-    let message = Message {
-        thread_id: msg.thread_id,
-        seq: to_u64(head.try_get(2)?) + 1,
-        message_id: MessageId::new(),
-        sender_id: msg.sender_id,
-        sender_device_id: msg.sender_device_id,
-        client_msg_id: msg.client_msg_id.clone(),
-        kind: msg.kind,
-        body: msg.body.clone(),
-        system: None,
-        created_at: now_ms(),
-    };
-    write_message(tx, &message, &message.body).await?;
-    Ok(Appended {
-        message,
-        duplicate: false,
-        members,
-    })
-}
 
 /// Writes a message whose seq is the thread's `last_seq + 1`, read under the thread row's
 /// lock, with `body` as stored; moves the thread's head and the sender's markers to it.

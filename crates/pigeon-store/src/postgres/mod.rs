@@ -44,6 +44,7 @@ use crate::{
 };
 
 mod accounts;
+mod batch;
 mod contacts;
 pub(crate) mod error;
 mod groups;
@@ -101,6 +102,8 @@ impl PostgresConfig {
 /// The shared-database store. Cheap to share behind an `Arc`.
 pub struct PostgresStore {
     shared: Arc<Shared>,
+    /// Sends, batched into shared transactions.
+    appender: batch::Appender,
 }
 
 /// What the store's methods and the tasks they spawn share.
@@ -168,14 +171,16 @@ impl PostgresStore {
         migrate(&mut client).await?;
         drop(client);
 
+        let shared = Arc::new(Shared {
+            pool,
+            turns: ThreadTurns::new(),
+            members: MemberCache::default(),
+            stored: metrics::counter!("pigeon_messages_stored_total"),
+            commit_seconds: metrics::histogram!("pigeon_store_commit_seconds"),
+        });
         Ok(Self {
-            shared: Arc::new(Shared {
-                pool,
-                turns: ThreadTurns::new(),
-                members: MemberCache::default(),
-                stored: metrics::counter!("pigeon_messages_stored_total"),
-                commit_seconds: metrics::histogram!("pigeon_store_commit_seconds"),
-            }),
+            appender: batch::Appender::start(shared.clone()),
+            shared,
         })
     }
 }
@@ -366,26 +371,7 @@ impl Store for PostgresStore {
     }
 
     async fn append_message(&self, msg: NewMessage, on_commit: CommitHook) -> Result<Appended> {
-        let thread_id = msg.thread_id;
-        with_turn(
-            &self.shared,
-            thread_id,
-            move |shared| {
-                Box::pin(async move {
-                    let appended = shared
-                        .transaction((&shared.members, &msg), |tx, (members, msg)| {
-                            Box::pin(messages::append(members, tx, msg))
-                        })
-                        .await?;
-                    if !appended.duplicate {
-                        shared.stored.increment(1);
-                    }
-                    Ok(appended)
-                })
-            },
-            on_commit,
-        )
-        .await
+        self.appender.append(msg, on_commit).await
     }
 
     async fn list_messages(
@@ -563,7 +549,9 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) {
-        // Requests holding a connection finish; every later one fails with Unavailable.
+        // Batches in their transactions commit and run their hooks. Then requests holding
+        // a connection finish; every later one fails with Unavailable.
+        self.appender.drain().await;
         self.shared.pool.close();
     }
 }
