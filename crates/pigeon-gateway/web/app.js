@@ -703,7 +703,7 @@ function restoreOutbox() {
 }
 
 function send(body) {
-  const pending = { client_msg_id: crypto.randomUUID(), body, failed: false };
+  const pending = { client_msg_id: uuidv7(), body, failed: false };
   if (state.current) pending.thread_id = state.current;
   else if (state.pendingPeer) pending.to = state.pendingPeer.username;
   else return;
@@ -711,6 +711,22 @@ function send(body) {
   outboxPut(pending);
   renderMessages(true);
   transmit(pending);
+}
+
+// A time-ordered client id (UUIDv7), as the SDK makes them: the server's dedupe index
+// appends such ids instead of scattering them. crypto.randomUUID would also be unique,
+// but it is random, and browsers offer it only on HTTPS and localhost pages.
+function uuidv7() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  let ms = Date.now();
+  for (let i = 5; i >= 0; i -= 1) {
+    bytes[i] = ms % 256;
+    ms = Math.floor(ms / 256);
+  }
+  bytes[6] = (bytes[6] & 0x0f) | 0x70;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
 
 async function transmit(pending) {

@@ -97,17 +97,17 @@ pub(crate) async fn connect(
     }
 }
 
-/// Sends a text message into a thread: a `send` request numbered `id`.
+/// Sends a text message into a thread: a `send` request numbered `id`, with a
+/// time-ordered client id (a UUIDv7) as the SDK makes them.
 pub(crate) async fn send_text(
     sink: &mut Sink,
     id: i64,
     thread_id: ThreadId,
-    client_msg_id: String,
     body: String,
 ) -> anyhow::Result<()> {
     let frame = serde_json::json!({
         "type": "send", "id": id, "thread_id": thread_id,
-        "client_msg_id": client_msg_id, "body": body,
+        "client_msg_id": pigeon_client::new_client_msg_id(), "body": body,
     });
     send_json(sink, &frame).await
 }

@@ -263,7 +263,7 @@ async fn connection(
                     let n = stats.sent;
                     next_id += 1;
                     let body = common::padded(&format!("{index}:{n}:{sent_at}:"), body_size);
-                    let sent = common::send_text(&mut sink, next_id, thread_id, format!("{index}-{n}"), body);
+                    let sent = common::send_text(&mut sink, next_id, thread_id, body);
                     if sent.await.is_err() {
                         break 'run;
                     }

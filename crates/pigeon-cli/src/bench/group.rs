@@ -192,10 +192,9 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         Rate::Max => None,
     };
     let mut sender_tasks = Vec::new();
-    for (index, sink) in sinks.drain(..senders).enumerate() {
+    for sink in sinks.drain(..senders) {
         let (counter, sent_at, tallies) = (counter.clone(), sent_at.clone(), tallies.clone());
         sender_tasks.push(tokio::spawn(sender(
-            index,
             sink,
             thread_id,
             interval,
@@ -277,7 +276,6 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
 /// One sender: a message every `interval` (or as fast as acks return) until the deadline.
 #[allow(clippy::too_many_arguments)]
 async fn sender(
-    index: usize,
     mut sink: Sink,
     thread_id: ThreadId,
     interval: Option<Duration>,
@@ -301,7 +299,7 @@ async fn sender(
         sent_at[n].store(at, Ordering::Relaxed);
         id += 1;
         let body = common::padded(&format!("{n}:{at}:"), body_size);
-        let sent = common::send_text(&mut sink, id, thread_id, format!("g{index}-{n}"), body);
+        let sent = common::send_text(&mut sink, id, thread_id, body);
         if sent.await.is_err() {
             break;
         }

@@ -28,7 +28,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
                 let socket = common::connect(server, &peer.token, args.source_address(index)).await?;
                 let (mut sink, mut stream) = socket.split();
                 for n in 1..per_thread {
-                    let frame = json!({"type": "send", "id": n, "to": reader_name, "client_msg_id": format!("s{n}"),
+                    let frame = json!({"type": "send", "id": n, "to": reader_name, "client_msg_id": pigeon_client::new_client_msg_id(),
                                        "body": common::padded(&format!("{n}:"), args.body)});
                     common::send_json(&mut sink, &frame).await?;
                 }
