@@ -709,7 +709,8 @@ impl Engine {
 }
 
 /// How many threads one `sync` may list in `have` within a frame of `max_frame` bytes: an
-/// entry is at most 60 bytes (`"<36-char id>":<20 digits>,`), and 1 KiB is left for the rest.
+/// entry is at most 60 bytes (`"<36-char id>":<20 digits>,`), counted as 64 for slack, and
+/// 1 KiB is left for the rest of the frame.
 fn have_capacity(max_frame: usize) -> usize {
     (max_frame.saturating_sub(1024) / 64).max(1)
 }

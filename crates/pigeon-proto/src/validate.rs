@@ -36,9 +36,9 @@ pub fn validate_password(password: &str) -> Result<(), ErrorCode> {
     }
 }
 
-/// Checks a `client_msg_id`: 1–64 bytes.
+/// Checks a `client_msg_id`: 1–64 bytes, without U+0000 (which PostgreSQL text refuses).
 pub fn validate_client_msg_id(id: &str) -> Result<(), ErrorCode> {
-    if !id.is_empty() && id.len() <= MAX_CLIENT_MSG_ID_LEN {
+    if !id.is_empty() && id.len() <= MAX_CLIENT_MSG_ID_LEN && !id.contains('\0') {
         Ok(())
     } else {
         Err(ErrorCode::InvalidField)
@@ -98,6 +98,7 @@ mod tests {
         assert!(validate_client_msg_id("").is_err());
         assert!(validate_client_msg_id(&"x".repeat(65)).is_err());
         assert!(validate_client_msg_id("m-1").is_ok());
+        assert!(validate_client_msg_id("m\0").is_err());
     }
 
     #[test]

@@ -28,7 +28,7 @@ async fn every_bad_request_gets_its_code_and_the_socket_stays_usable() {
     let thread_ab = send(&mut a, "bob", "x", "hi").await["thread_id"].clone();
     let _ = bob;
 
-    let checks: [(Value, &str); 9] = [
+    let checks: [(Value, &str); 11] = [
         (json!({"type": "teleport"}), "unknown_type"),
         (
             json!({"type": "send", "to": "bob", "body": "no id for dedupe"}),
@@ -56,6 +56,14 @@ async fn every_bad_request_gets_its_code_and_the_socket_stays_usable() {
         ),
         (
             json!({"type": "send", "to": "alice", "client_msg_id": "self", "body": "me"}),
+            "invalid_field",
+        ),
+        (
+            json!({"type": "send", "thread_id": thread_ab, "client_msg_id": "nul", "body": "a\u{0}b"}),
+            "invalid_field",
+        ),
+        (
+            json!({"type": "send", "thread_id": thread_ab, "client_msg_id": "n\u{0}l", "body": "hi"}),
             "invalid_field",
         ),
         (json!({"type": "hello", "token": "again"}), "forbidden"),

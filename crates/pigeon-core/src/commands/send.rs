@@ -19,8 +19,9 @@ pub(crate) async fn execute(
     caller: &Caller,
     request: Send,
 ) -> Result<ServerFrame> {
-    validate_client_msg_id(&request.client_msg_id)
-        .map_err(|_| ChatError::InvalidField("client_msg_id: must be 1 to 64 bytes".into()))?;
+    validate_client_msg_id(&request.client_msg_id).map_err(|_| {
+        ChatError::InvalidField("client_msg_id: must be 1 to 64 bytes, without U+0000".into())
+    })?;
     let limit = chat.config.max_body_bytes;
     if request.body.len() > limit {
         return Err(ChatError::BodyTooLarge {
@@ -30,6 +31,12 @@ pub(crate) async fn execute(
     }
     if request.body.trim().is_empty() {
         return Err(ChatError::InvalidField("body: must not be empty".into()));
+    }
+    // Text in PostgreSQL cannot hold it; refused on every store, so both behave alike.
+    if request.body.contains('\0') {
+        return Err(ChatError::InvalidField(
+            "body: must not contain U+0000".into(),
+        ));
     }
     let thread_id = match (request.to, request.thread_id) {
         (Some(to), None) => {

@@ -11,9 +11,11 @@
 //! Order and hooks are as for a single send: the batch holds the turns of all its threads
 //! (see [`super::locks`]) from before it locks their rows until its hooks have run, and
 //! its messages take their seqs, and run their hooks, in the order they were queued.
-//! Up to [`IN_FLIGHT`] batches run at once; one waits for another only where their
-//! threads overlap. A rule broken by one send (not a member, blocked, a closed group, an
-//! unknown thread) is that send's answer; the others go on.
+//! Up to [`IN_FLIGHT`] batches run at once; one waits for another where their threads
+//! share a turn stripe, which for big batches is most of the time. A rule broken by one
+//! send (not a member, blocked, a closed group, an unknown thread) is that send's answer;
+//! the others go on. Should the transaction fail for another reason, the sends run again
+//! one by one, so one bad send cannot fail the rest.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -88,9 +90,11 @@ async fn batch_loop(
     let batch_size = metrics::histogram!("pigeon_store_batch_size");
     while let Some(first) = queue.recv().await {
         // Waiting for a slot first lets the queue fill while the database is busy.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the batch semaphore is never closed");
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match queue.try_recv() {
@@ -117,30 +121,45 @@ async fn run_batch(shared: &Shared, jobs: Vec<Job>) {
         .turns
         .take_all(messages.iter().map(|message| message.thread_id))
         .await;
-    let outcome = shared
-        .transaction((&shared.members, &messages), |tx, (members, messages)| {
+    let outcomes = match commit(shared, &messages).await {
+        Ok(outcomes) => outcomes,
+        // Something the rules did not catch failed the whole transaction (after its
+        // retries). One send must not fail the others: each runs again on its own, in
+        // order, still under the batch's turns.
+        Err(error) if messages.len() > 1 => {
+            tracing::warn!(error = %StoreError::from(error), sends = messages.len(),
+                "a batch of sends failed; running them one at a time");
+            let mut outcomes = Vec::with_capacity(messages.len());
+            for message in messages.chunks(1) {
+                outcomes.push(match commit(shared, message).await {
+                    Ok(mut one) => one.pop().unwrap_or(Err(StoreError::Internal(
+                        "a send's batch gave no outcome".into(),
+                    ))),
+                    Err(error) => Err(error.into()),
+                });
+            }
+            outcomes
+        }
+        Err(error) => vec![Err(error.into())],
+    };
+    for ((hook, reply), outcome) in answers.into_iter().zip(outcomes) {
+        if let Ok(appended) = &outcome {
+            if !appended.duplicate {
+                shared.stored.increment(1);
+            }
+            hook(appended);
+        }
+        let _ = reply.send(outcome);
+    }
+}
+
+/// Appends `messages` in one transaction (run again on a conflict); one outcome each.
+async fn commit(shared: &Shared, messages: &[NewMessage]) -> PgResult<Vec<Result<Appended>>> {
+    shared
+        .transaction((&shared.members, messages), |tx, (members, messages)| {
             Box::pin(append_batch(members, tx, messages))
         })
-        .await;
-    match outcome {
-        Ok(results) => {
-            for ((hook, reply), result) in answers.into_iter().zip(results) {
-                if let Ok(appended) = &result {
-                    if !appended.duplicate {
-                        shared.stored.increment(1);
-                    }
-                    hook(appended);
-                }
-                let _ = reply.send(result);
-            }
-        }
-        Err(error) => {
-            let error = StoreError::from(error);
-            for (_, reply) in answers {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
-    }
+        .await
 }
 
 /// A thread's head as read under its lock, moved along as the batch takes seqs.
@@ -410,7 +429,7 @@ async fn write_rows(
              WHERE t.id = v.id",
             &[&head_ids, &head_seqs, &head_times],
         ),
-        // The sender has seen their own message (a no-op when they just left).
+        // The sender has seen their own message.
         execute(
             tx,
             "UPDATE members m SET last_read_seq = greatest(m.last_read_seq, v.seq),
@@ -422,8 +441,8 @@ async fn write_rows(
     )
     .await?;
     if keys != rows.thread.len() as u64 {
-        // A key was just stored by a concurrent transaction (another node); running again
-        // finds it and answers with it.
+        // A key was just stored by a concurrent transaction (another batch, here or on
+        // another node); running again finds it and answers with it.
         return Err(Error::Retry);
     }
     if moved != head_ids.len() as u64 {

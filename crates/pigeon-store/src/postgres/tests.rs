@@ -162,6 +162,44 @@ async fn dedupe_keys_span_threads_and_nodes() {
     two.close().await;
 }
 
+/// A send the database itself refuses (here a body with U+0000, which the chat service
+/// rejects before it gets this far) fails alone: the sends batched with it are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_the_database_refuses_does_not_fail_its_batch() {
+    let Some((store, _database)) = fresh().await else {
+        return;
+    };
+    let alice = store.create_user("alice", "h").await.unwrap().id;
+    let bob = store.create_user("bob", "h").await.unwrap().id;
+    let thread = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    let mut sends: Vec<NewMessage> = (0..10)
+        .map(|n| text(thread, alice, &format!("ok-{n}")))
+        .collect();
+    let mut bad = text(thread, bob, "bad");
+    bad.body = "nul \0 inside".into();
+    sends.insert(4, bad);
+    let outcomes = join_all(
+        sends
+            .into_iter()
+            .map(|msg| store.append_message(msg, Box::new(|_| {}))),
+    )
+    .await;
+    let mut seqs = Vec::new();
+    for (n, outcome) in outcomes.into_iter().enumerate() {
+        if n == 4 {
+            assert!(outcome.is_err(), "{outcome:?}");
+        } else {
+            seqs.push(outcome.unwrap().message.seq);
+        }
+    }
+    assert_eq!(
+        seqs,
+        (1..=10).collect::<Vec<u64>>(),
+        "stored in order, without gaps"
+    );
+    store.close().await;
+}
+
 /// Cutting every connection and refusing new ones makes requests fail as retryable;
 /// once the database takes connections again the same store serves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
