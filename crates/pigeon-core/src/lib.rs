@@ -11,7 +11,7 @@ mod service;
 
 pub use accounts::LoginOutcome;
 pub use error::ChatError;
-pub use service::{Caller, ChatConfig, ChatService, Health};
+pub use service::{Caller, ChatConfig, ChatService, Health, is_thread_send};
 
 /// The crate's result type.
 pub type Result<T, E = ChatError> = std::result::Result<T, E>;

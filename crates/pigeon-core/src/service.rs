@@ -129,12 +129,46 @@ impl ChatService {
         let id = frame.id().clone();
         match commands::execute(self, caller, frame).await {
             Ok(answer) => answer,
-            Err(error) => ServerFrame::Error {
-                id: Some(id),
-                code: error.code(),
-                message: error.client_message(),
-            },
+            Err(error) => error_frame(id, &error),
         }
+    }
+
+    /// Answers `send` requests into known threads (`thread_id`, no `to`) that one
+    /// connection had waiting at once: they are stored in this order, usually in one
+    /// transaction, and answered each on its own, in the same order. A frame that is not
+    /// such a send is handled on its own, in its place.
+    pub async fn handle_sends(
+        &self,
+        caller: &Caller,
+        frames: Vec<ClientFrame>,
+    ) -> Vec<ServerFrame> {
+        if !frames.iter().all(is_thread_send) {
+            let mut answers = Vec::with_capacity(frames.len());
+            for frame in frames {
+                answers.push(self.handle(caller, frame).await);
+            }
+            return answers;
+        }
+        let requests = frames
+            .into_iter()
+            .filter_map(|frame| match frame {
+                ClientFrame::Send {
+                    id,
+                    to,
+                    thread_id,
+                    client_msg_id,
+                    body,
+                } => Some(commands::send::Send {
+                    id,
+                    to,
+                    thread_id,
+                    client_msg_id,
+                    body,
+                }),
+                _ => None,
+            })
+            .collect();
+        commands::send::execute_many(self, caller, requests).await
     }
 
     /// Publishes one event to the connections of `users`, except `skip`.
@@ -190,4 +224,26 @@ pub(crate) fn encode(frame: &ServerFrame) -> Result<bytes::Bytes> {
     serde_json::to_vec(frame)
         .map(bytes::Bytes::from)
         .map_err(|e| ChatError::Internal(format!("encode frame: {e}")))
+}
+
+/// Whether a frame is a `send` into a known thread: one that may be taken together with
+/// the sends after it (see [`ChatService::handle_sends`]).
+pub fn is_thread_send(frame: &ClientFrame) -> bool {
+    matches!(
+        frame,
+        ClientFrame::Send {
+            thread_id: Some(_),
+            to: None,
+            ..
+        }
+    )
+}
+
+/// The answer to a request that failed.
+pub(crate) fn error_frame(id: pigeon_proto::ReqId, error: &ChatError) -> ServerFrame {
+    ServerFrame::Error {
+        id: Some(id),
+        code: error.code(),
+        message: error.client_message(),
+    }
 }

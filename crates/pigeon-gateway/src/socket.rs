@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::prelude::BASE64_STANDARD;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use governor::clock::MonotonicClock;
 use governor::{Quota, RateLimiter};
 use hyper::upgrade::OnUpgrade;
@@ -385,7 +385,11 @@ async fn await_hello(
     }
 }
 
-type Answer<'a> = Pin<Box<dyn Future<Output = ServerFrame> + Send + 'a>>;
+/// The answers to the request (or the run of sends) in progress, in order.
+type Answer<'a> = Pin<Box<dyn Future<Output = Vec<ServerFrame>> + Send + 'a>>;
+
+/// Most `send` frames taken together from what a client has already sent.
+const MAX_RUN: usize = 64;
 
 /// What the session loop does after `select!`. The arms only decide; the writes happen
 /// after it, so nothing an arm held (a frame, a request) stays in the session's future.
@@ -394,16 +398,107 @@ enum Step {
     Events(Utf8Bytes),
     /// Finish a frame the fan-out wrote in part.
     Tail,
-    /// Write this encoded answer.
-    Answer(Utf8Bytes),
+    /// Write these encoded answers, in one write.
+    Answers(Vec<Utf8Bytes>),
     /// Nothing to write.
     Idle,
     /// End the session.
     End(End),
 }
 
-/// The session loop. One request is handled at a time, in order (so a client's sends keep
-/// their order); while it runs, events keep flowing out and reading pauses (backpressure).
+/// What one frame from the client asks for.
+enum Incoming {
+    /// A request to run.
+    Request(ClientFrame),
+    /// An answer to write at once (an invalid or rate-limited frame).
+    Answer(ServerFrame),
+    /// Nothing (a ping or a pong).
+    Idle,
+    /// End the session.
+    End(End),
+}
+
+/// Reads one WebSocket message as the session sees it: every frame counts against the
+/// rate limit, well-formed or not.
+fn classify(
+    state: &AppState,
+    mailbox: &Mailbox,
+    limiter: &Limiter,
+    incoming: Option<Result<Message, tungstenite::Error>>,
+) -> Incoming {
+    match incoming {
+        None => Incoming::End(End::Gone),
+        Some(Err(error)) => Incoming::End(read_error(error)),
+        Some(Ok(Message::Text(text))) => {
+            mailbox.heard_at(state.registry.clock());
+            state.metrics.frames_in.increment(1);
+            let limited = limiter.check().is_err();
+            match ClientFrame::parse(&text) {
+                Ok(frame) if limited => Incoming::Answer(error_frame(
+                    Some(frame.id().clone()),
+                    &ChatError::RateLimited,
+                )),
+                Ok(frame) => Incoming::Request(frame),
+                Err(FrameError::NotJson) => Incoming::End(End::Close(
+                    close::INVALID_PAYLOAD,
+                    "frame is not a JSON object",
+                )),
+                Err(FrameError::Invalid { id, .. }) if limited => {
+                    Incoming::Answer(error_frame(id, &ChatError::RateLimited))
+                }
+                Err(FrameError::Invalid { id, code, message }) => {
+                    Incoming::Answer(ServerFrame::Error { id, code, message })
+                }
+            }
+        }
+        Some(Ok(Message::Binary(_))) => {
+            Incoming::End(End::Close(close::UNSUPPORTED_DATA, "frames are JSON text"))
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+            mailbox.heard_at(state.registry.clock());
+            Incoming::Idle
+        }
+        Some(Ok(Message::Close(_))) => Incoming::End(End::Answer),
+    }
+}
+
+type Limiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    MonotonicClock,
+    governor::middleware::NoOpMiddleware<<MonotonicClock as governor::clock::Clock>::Instant>,
+>;
+
+/// After a `send` into a known thread: takes the further such sends the client has
+/// already sent (what the socket yields without waiting, up to [`MAX_RUN`]), so they are
+/// stored together and answered in one write. A client that sends one message at a time
+/// gets no run, and nothing waits for one. The first other frame ends the run and is
+/// handled after it, in its place.
+fn read_ahead(
+    state: &AppState,
+    socket: &mut Socket,
+    mailbox: &Mailbox,
+    limiter: &Limiter,
+    first: ClientFrame,
+) -> (Vec<ClientFrame>, Option<Incoming>) {
+    let mut run = vec![first];
+    while run.len() < MAX_RUN {
+        let Some(incoming) = socket.next().now_or_never() else {
+            break;
+        };
+        match classify(state, mailbox, limiter, incoming) {
+            Incoming::Request(frame) if pigeon_core::is_thread_send(&frame) => run.push(frame),
+            Incoming::Idle => {}
+            other => return (run, Some(other)),
+        }
+    }
+    (run, None)
+}
+
+/// The session loop. Requests are answered one at a time, in order, except that `send`
+/// frames into known threads which the client has already sent are taken together (see
+/// [`read_ahead`]): they are stored in order, usually in one transaction, and answered in
+/// order. While requests run, events keep flowing out and reading pauses (backpressure).
 /// The heartbeat timeout and shutdown arrive through the queue, from the gateway's sweep.
 async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: &Mailbox) -> End {
     let quota =
@@ -411,55 +506,49 @@ async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: 
             .allow_burst(NonZeroU32::new(state.config.rate_burst.max(1)).expect("nonzero"));
     // The std clock: governor's default (quanta) calibrates itself with CPUID for every
     // new limiter, which was a tenth of the server's CPU while sockets were connecting.
-    let limiter = RateLimiter::direct_with_clock(quota, MonotonicClock);
+    let limiter: Limiter = RateLimiter::direct_with_clock(quota, MonotonicClock);
     let mut pending: Option<Answer<'_>> = None;
+    // A frame read after a run of sends, handled once the run is answered.
+    let mut deferred: Option<Incoming> = None;
 
     loop {
-        // Unbiased: a steady stream of events must not starve answers or reads.
-        let step = tokio::select! {
-            outbound = mailbox.next() => match outbound {
-                Outbound::Frame(text) => Step::Events(text),
-                Outbound::Tail => Step::Tail,
-                Outbound::Close(code, reason) => Step::End(End::Close(code, reason)),
-            },
-            answer = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
-                pending = None;
-                encode(&answer).map_or(Step::End(End::Gone), Step::Answer)
+        let incoming = if pending.is_none() {
+            deferred.take()
+        } else {
+            None
+        };
+        let step = if let Some(incoming) = incoming {
+            start(
+                state,
+                caller,
+                socket,
+                mailbox,
+                &limiter,
+                incoming,
+                &mut pending,
+                &mut deferred,
+            )
+        } else {
+            // Unbiased: a steady stream of events must not starve answers or reads.
+            tokio::select! {
+                outbound = mailbox.next() => match outbound {
+                    Outbound::Frame(text) => Step::Events(text),
+                    Outbound::Tail => Step::Tail,
+                    Outbound::Close(code, reason) => Step::End(End::Close(code, reason)),
+                },
+                answers = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
+                    pending = None;
+                    answers
+                        .iter()
+                        .map(encode)
+                        .collect::<Option<Vec<_>>>()
+                        .map_or(Step::End(End::Gone), Step::Answers)
+                }
+                incoming = socket.next(), if pending.is_none() => {
+                    let incoming = classify(state, mailbox, &limiter, incoming);
+                    start(state, caller, socket, mailbox, &limiter, incoming, &mut pending, &mut deferred)
+                }
             }
-            incoming = socket.next(), if pending.is_none() => match incoming {
-                None => Step::End(End::Gone),
-                Some(Err(error)) => Step::End(read_error(error)),
-                Some(Ok(Message::Text(text))) => {
-                    mailbox.heard_at(state.registry.clock());
-                    state.metrics.frames_in.increment(1);
-                    // Every frame counts against the limit, well-formed or not.
-                    let limited = limiter.check().is_err();
-                    let answer = match ClientFrame::parse(&text) {
-                        Ok(frame) if limited => Some(error_frame(Some(frame.id().clone()), &ChatError::RateLimited)),
-                        Ok(frame) => {
-                            pending = Some(Box::pin(state.chat.handle(caller, frame)));
-                            None
-                        }
-                        Err(FrameError::NotJson) => {
-                            break End::Close(close::INVALID_PAYLOAD, "frame is not a JSON object");
-                        }
-                        Err(FrameError::Invalid { id, .. }) if limited => Some(error_frame(id, &ChatError::RateLimited)),
-                        Err(FrameError::Invalid { id, code, message }) => Some(ServerFrame::Error { id, code, message }),
-                    };
-                    match answer {
-                        Some(answer) => encode(&answer).map_or(Step::End(End::Gone), Step::Answer),
-                        None => Step::Idle,
-                    }
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    Step::End(End::Close(close::UNSUPPORTED_DATA, "frames are JSON text"))
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
-                    mailbox.heard_at(state.registry.clock());
-                    Step::Idle
-                }
-                Some(Ok(Message::Close(_))) => Step::End(End::Answer),
-            },
         };
         match step {
             Step::Events(first) => {
@@ -473,18 +562,55 @@ async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: 
                     return End::Gone;
                 }
             }
-            Step::Answer(text) => {
+            Step::Answers(texts) => {
+                let count = texts.len() as u64;
                 let mut bytes = Vec::new();
-                push_frame(&mut bytes, text);
+                for text in texts {
+                    push_frame(&mut bytes, text);
+                }
                 // Boxed, like a batch: the write's state lives only while it is written.
                 if Box::pin(write_frames(state, socket, &bytes)).await.is_err() {
                     return End::Gone;
                 }
-                state.metrics.frames_out.increment(1);
+                state.metrics.frames_out.increment(count);
             }
             Step::Idle => {}
             Step::End(end) => return end,
         }
+    }
+}
+
+/// Starts what a frame asks for: a request becomes the pending answer (with the run of
+/// sends after it, for a send into a known thread), an immediate answer is written.
+#[allow(clippy::too_many_arguments)]
+fn start<'a>(
+    state: &'a AppState,
+    caller: &'a Caller,
+    socket: &mut Socket,
+    mailbox: &Mailbox,
+    limiter: &Limiter,
+    incoming: Incoming,
+    pending: &mut Option<Answer<'a>>,
+    deferred: &mut Option<Incoming>,
+) -> Step {
+    match incoming {
+        Incoming::Request(frame) if pigeon_core::is_thread_send(&frame) => {
+            let (run, next) = read_ahead(state, socket, mailbox, limiter, frame);
+            *deferred = next;
+            *pending = Some(Box::pin(state.chat.handle_sends(caller, run)));
+            Step::Idle
+        }
+        Incoming::Request(frame) => {
+            *pending = Some(Box::pin(async move {
+                vec![state.chat.handle(caller, frame).await]
+            }));
+            Step::Idle
+        }
+        Incoming::Answer(answer) => {
+            encode(&answer).map_or(Step::End(End::Gone), |text| Step::Answers(vec![text]))
+        }
+        Incoming::Idle => Step::Idle,
+        Incoming::End(end) => Step::End(end),
     }
 }
 

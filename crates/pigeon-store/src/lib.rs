@@ -343,6 +343,17 @@ pub trait Store: Send + Sync + 'static {
     /// `on_commit` runs once the message is durable, before the future resolves, and in
     /// seq order for the messages of one thread; it must not block.
     async fn append_message(&self, msg: NewMessage, on_commit: CommitHook) -> Result<Appended>;
+    /// Appends several messages as [`Self::append_message`] would one after the other, in
+    /// this order (the sends one connection had waiting), usually in one transaction.
+    /// One outcome per message, in the same order; a refused message does not stop the
+    /// others.
+    async fn append_messages(&self, msgs: Vec<(NewMessage, CommitHook)>) -> Vec<Result<Appended>> {
+        let mut outcomes = Vec::with_capacity(msgs.len());
+        for (msg, on_commit) in msgs {
+            outcomes.push(self.append_message(msg, on_commit).await);
+        }
+        outcomes
+    }
     /// Returns up to `limit` messages of a thread within `range`, in ascending seq order,
     /// taken from the given end of the range.
     async fn list_messages(

@@ -23,6 +23,7 @@ macro_rules! store_suite {
             seqs_are_gap_free_under_concurrent_senders,
             resends_are_deduplicated,
             sends_queued_together_each_get_their_own_answer,
+            one_call_of_many_sends_keeps_its_order,
             commit_hooks_run_in_seq_order,
             only_members_may_append_or_mark,
             markers_only_move_forward,
@@ -231,6 +232,52 @@ pub(crate) async fn sends_queued_together_each_get_their_own_answer(store: &dyn 
         store.get_membership(thread, alice).await.unwrap().last_seq,
         21
     );
+}
+
+/// `append_messages`: the sends one connection had waiting are stored in their order,
+/// each with its own outcome, alongside other callers' sends.
+pub(crate) async fn one_call_of_many_sends_keeps_its_order(store: &dyn Store) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let carol = user(store, "carol").await;
+    let with_bob = store.get_or_create_direct_thread(alice, bob).await.unwrap();
+    let with_carol = store
+        .get_or_create_direct_thread(alice, carol)
+        .await
+        .unwrap();
+    let bob_and_carol = store.get_or_create_direct_thread(bob, carol).await.unwrap();
+    let call = |from: UserId, thread: ThreadId, prefix: &'static str| {
+        let msgs = (0..30)
+            .map(|n| {
+                let thread = if n == 7 { bob_and_carol } else { thread };
+                (
+                    text(thread, from, &format!("{prefix}{n}")),
+                    Box::new(|_: &crate::Appended| {}) as crate::CommitHook,
+                )
+            })
+            .collect();
+        store.append_messages(msgs)
+    };
+    let (mine, theirs) = tokio::join!(call(alice, with_bob, "a"), call(carol, with_carol, "c"));
+    for (outcomes, thread) in [(mine, with_bob), (theirs, with_carol)] {
+        assert_eq!(outcomes.len(), 30);
+        let mut seqs = Vec::new();
+        for (n, outcome) in outcomes.into_iter().enumerate() {
+            if n == 7 && thread == with_bob {
+                assert!(matches!(outcome, Err(StoreError::NotMember)), "{outcome:?}");
+                continue;
+            }
+            if n == 7 {
+                // Carol is a member of the thread with bob.
+                assert_eq!(outcome.unwrap().message.thread_id, bob_and_carol);
+                continue;
+            }
+            let appended = outcome.unwrap();
+            assert_eq!(appended.message.thread_id, thread);
+            seqs.push(appended.message.seq);
+        }
+        assert_eq!(seqs, (1..=29).collect::<Vec<u64>>(), "in the call's order");
+    }
 }
 
 pub(crate) async fn resends_are_deduplicated(store: &dyn Store) {

@@ -417,3 +417,70 @@ async fn a_client_that_never_reads_again_is_let_go_after_the_heartbeat_timeout()
     }
     drop(stalled);
 }
+
+/// A client that sends without waiting for answers: the sends it has already sent are
+/// taken together, and everything is still answered, stored and delivered in order.
+#[tokio::test]
+async fn sends_written_back_to_back_are_answered_and_stored_in_order() {
+    let server = Server::start(&["--rate-limit", "100000", "--rate-burst", "100000"]);
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let mut bob_ws = bob.connect(&server).await;
+    let mut a = alice.connect(&server).await;
+    let thread = send(&mut a, "bob", "first", "hello").await["thread_id"].clone();
+
+    // 150 frames in one go: sends into the thread, with a ping, a resend, an empty body
+    // and a send by username among them.
+    let mut frames = Vec::new();
+    for n in 0..150 {
+        frames.push(match n {
+            40 => json!({"type": "ping", "id": n}),
+            60 => json!({"type": "send", "id": n, "thread_id": thread, "client_msg_id": "m-10", "body": "again"}),
+            80 => json!({"type": "send", "id": n, "thread_id": thread, "client_msg_id": "empty", "body": " "}),
+            100 => json!({"type": "send", "id": n, "to": "bob", "client_msg_id": "by-name", "body": "by name"}),
+            _ => json!({"type": "send", "id": n, "thread_id": thread, "client_msg_id": format!("m-{n}"), "body": format!("n{n}")}),
+        });
+    }
+    let all: String = frames
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for frame in all.lines() {
+        a.send_text(frame).await;
+    }
+    let mut answers = Vec::new();
+    while answers.len() < frames.len() {
+        let frame = a.next_frame().await.expect("an answer");
+        if frame.get("id").is_some_and(|id| !id.is_null()) {
+            answers.push(frame);
+        }
+    }
+    let ids: Vec<u64> = answers.iter().map(|f| f["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, (0..150).collect::<Vec<u64>>(), "answered in order");
+    assert_eq!(answers[40]["type"], "pong");
+    assert_eq!(answers[80]["code"], "invalid_field");
+    assert_eq!(
+        answers[60]["seq"], answers[10]["seq"],
+        "a resend gets the first answer"
+    );
+    let seqs: Vec<u64> = answers
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| ![40, 60, 80].contains(n))
+        .map(|(_, f)| f["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (2..=148).collect::<Vec<u64>>(),
+        "stored in the order sent"
+    );
+
+    // Bob gets them once each, in order.
+    let mut got = Vec::new();
+    while got.len() < 148 {
+        let event = bob_ws.event_of("message").await;
+        got.push(event["seq"].as_u64().unwrap());
+    }
+    assert_eq!(got, (1..=148).collect::<Vec<u64>>());
+}

@@ -6,7 +6,7 @@ mod group;
 mod history;
 mod mark;
 mod presence;
-mod send;
+pub(crate) mod send;
 mod settings;
 mod sync;
 mod threads;

@@ -33,7 +33,7 @@ use super::threads::{load_members, resolve_members};
 use crate::common::{message_kind_str, now_ms, to_i64, to_u64};
 use crate::{Appended, CommitHook, NewMessage, Result, StoreError};
 
-/// Most sends in one transaction.
+/// Most sends in one transaction (a call's sends are never split, so one may go past it).
 const MAX_BATCH: usize = 256;
 /// Most batches in their transactions at once (of the pool's connections).
 const IN_FLIGHT: u32 = 4;
@@ -45,9 +45,10 @@ struct Job {
     reply: oneshot::Sender<Result<Appended>>,
 }
 
-/// The queue of sends, and the task that batches it.
+/// The queue of sends, and the task that batches it. One item is the sends of one call:
+/// they go into the same batch, in order.
 pub(super) struct Appender {
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::UnboundedSender<Vec<Job>>,
     slots: Arc<Semaphore>,
 }
 
@@ -62,17 +63,44 @@ impl Appender {
     /// Queues a send and waits for its outcome. The hook runs as its batch commits, even
     /// if the caller stops waiting.
     pub(super) async fn append(&self, message: NewMessage, hook: CommitHook) -> Result<Appended> {
-        let (reply, outcome) = oneshot::channel();
-        self.jobs
-            .send(Job {
+        let mut outcomes = self.append_all(vec![(message, hook)]).await;
+        outcomes
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Internal("a send without an outcome".into())))
+    }
+
+    /// Queues several sends as one item, so they share a batch in this order, and waits
+    /// for their outcomes.
+    pub(super) async fn append_all(
+        &self,
+        messages: Vec<(NewMessage, CommitHook)>,
+    ) -> Vec<Result<Appended>> {
+        let mut jobs = Vec::with_capacity(messages.len());
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for (message, hook) in messages {
+            let (reply, outcome) = oneshot::channel();
+            jobs.push(Job {
                 message,
                 hook,
                 reply,
-            })
-            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
-        outcome
-            .await
-            .map_err(|_| StoreError::Internal("a send's batch ended without an answer".into()))?
+            });
+            outcomes.push(outcome);
+        }
+        if self.jobs.send(jobs).is_err() {
+            return outcomes
+                .iter()
+                .map(|_| Err(StoreError::Unavailable("the store is closed".into())))
+                .collect();
+        }
+        let mut answers = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            answers.push(outcome.await.unwrap_or_else(|_| {
+                Err(StoreError::Internal(
+                    "a send's batch ended without an answer".into(),
+                ))
+            }));
+        }
+        answers
     }
 
     /// Waits for the batches in their transactions to finish, and their hooks to run.
@@ -84,7 +112,7 @@ impl Appender {
 /// Takes every send waiting (once a batch may start) and runs them as one batch.
 async fn batch_loop(
     shared: Arc<Shared>,
-    mut queue: mpsc::UnboundedReceiver<Job>,
+    mut queue: mpsc::UnboundedReceiver<Vec<Job>>,
     slots: Arc<Semaphore>,
 ) {
     let batch_size = metrics::histogram!("pigeon_store_batch_size");
@@ -95,10 +123,10 @@ async fn batch_loop(
             .acquire_owned()
             .await
             .expect("the batch semaphore is never closed");
-        let mut jobs = vec![first];
+        let mut jobs = first;
         while jobs.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(more) => jobs.extend(more),
                 Err(_) => break,
             }
         }

@@ -374,6 +374,10 @@ impl Store for PostgresStore {
         self.appender.append(msg, on_commit).await
     }
 
+    async fn append_messages(&self, msgs: Vec<(NewMessage, CommitHook)>) -> Vec<Result<Appended>> {
+        self.appender.append_all(msgs).await
+    }
+
     async fn list_messages(
         &self,
         thread_id: ThreadId,

@@ -190,6 +190,24 @@ impl SqliteStore {
         F: FnOnce(&Connection, &mut WriterState) -> Result<T> + Send + 'static,
         A: FnOnce(&T) + Send + 'static,
     {
+        self.enqueue(work, after_commit, isolation)
+            .await?
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+
+    /// Queues a job for the writer; the receiver gets its outcome after the commit.
+    async fn enqueue<T, F, A>(
+        &self,
+        work: F,
+        after_commit: A,
+        isolation: Isolation,
+    ) -> Result<oneshot::Receiver<Result<T>>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut WriterState) -> Result<T> + Send + 'static,
+        A: FnOnce(&T) + Send + 'static,
+    {
         let (done_tx, done_rx) = oneshot::channel();
         let job: Job = Box::new(move |conn, state| {
             let result = work(conn, state);
@@ -207,9 +225,7 @@ impl SqliteStore {
             .send(Command::Job(job, isolation))
             .await
             .map_err(|_| StoreError::Unavailable("store is closed".into()))?;
-        done_rx
-            .await
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+        Ok(done_rx)
     }
 
     /// Runs a point lookup (one indexed row, nothing that can take long: everything queued
@@ -501,6 +517,31 @@ impl Store for SqliteStore {
             Isolation::SingleWrite,
         )
         .await
+    }
+
+    async fn append_messages(&self, msgs: Vec<(NewMessage, CommitHook)>) -> Vec<Result<Appended>> {
+        // Queued back to back, so the writer runs them in order, mostly in one batch.
+        let mut waiting = Vec::with_capacity(msgs.len());
+        for (msg, on_commit) in msgs {
+            waiting.push(
+                self.enqueue(
+                    move |conn, state| append(conn, state, msg),
+                    on_commit,
+                    Isolation::SingleWrite,
+                )
+                .await,
+            );
+        }
+        let mut outcomes = Vec::with_capacity(waiting.len());
+        for queued in waiting {
+            outcomes.push(match queued {
+                Ok(done) => done.await.unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable("store writer stopped".into()))
+                }),
+                Err(error) => Err(error),
+            });
+        }
+        outcomes
     }
 
     async fn list_messages(
