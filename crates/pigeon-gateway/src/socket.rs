@@ -388,11 +388,15 @@ async fn await_hello(
 /// The answers to the request (or the run of sends) in progress, in order.
 type Answer<'a> = Pin<Box<dyn Future<Output = Vec<ServerFrame>> + Send + 'a>>;
 
-/// Most `send` frames taken together from what a client has already sent.
+/// Most `send` frames taken together from what a client has already sent, and most
+/// bytes of their bodies: what one connection can make the server hold while its run
+/// waits on the store.
 const MAX_RUN: usize = 64;
+const MAX_RUN_BYTES: usize = 64 * 1024;
 
 /// What the session loop does after `select!`. The arms only decide; the writes happen
-/// after it, so nothing an arm held (a frame, a request) stays in the session's future.
+/// after it, so nothing an arm held stays in the session's future (apart from a frame
+/// that ended a run of sends, boxed, until the run is answered).
 enum Step {
     /// Write this queued event and whatever else is queued.
     Events(Utf8Bytes),
@@ -470,7 +474,8 @@ type Limiter = RateLimiter<
 >;
 
 /// After a `send` into a known thread: takes the further such sends the client has
-/// already sent (what the socket yields without waiting, up to [`MAX_RUN`]), so they are
+/// already sent (what the socket yields without waiting, up to [`MAX_RUN`] frames and
+/// about [`MAX_RUN_BYTES`] of bodies), so they are
 /// stored together and answered in one write. A client that sends one message at a time
 /// gets no run, and nothing waits for one. The first other frame ends the run and is
 /// handled after it, in its place.
@@ -481,18 +486,30 @@ fn read_ahead(
     limiter: &Limiter,
     first: ClientFrame,
 ) -> (Vec<ClientFrame>, Option<Incoming>) {
+    let mut bytes = body_len(&first);
     let mut run = vec![first];
-    while run.len() < MAX_RUN {
+    while run.len() < MAX_RUN && bytes < MAX_RUN_BYTES {
         let Some(incoming) = socket.next().now_or_never() else {
             break;
         };
         match classify(state, mailbox, limiter, incoming) {
-            Incoming::Request(frame) if pigeon_core::is_thread_send(&frame) => run.push(frame),
+            Incoming::Request(frame) if pigeon_core::is_thread_send(&frame) => {
+                bytes += body_len(&frame);
+                run.push(frame);
+            }
+            // Pings do not count towards the run; tokio's task budget bounds this loop.
             Incoming::Idle => {}
             other => return (run, Some(other)),
         }
     }
     (run, None)
+}
+
+fn body_len(frame: &ClientFrame) -> usize {
+    match frame {
+        ClientFrame::Send { body, .. } => body.len(),
+        _ => 0,
+    }
 }
 
 /// The session loop. Requests are answered one at a time, in order, except that `send`
@@ -508,8 +525,9 @@ async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: 
     // new limiter, which was a tenth of the server's CPU while sockets were connecting.
     let limiter: Limiter = RateLimiter::direct_with_clock(quota, MonotonicClock);
     let mut pending: Option<Answer<'_>> = None;
-    // A frame read after a run of sends, handled once the run is answered.
-    let mut deferred: Option<Incoming> = None;
+    // A frame read after a run of sends, handled once the run is answered. Boxed: it is
+    // rare, and an idle session's future should not carry a frame's worth of space.
+    let mut deferred: Option<Box<Incoming>> = None;
 
     loop {
         let incoming = if pending.is_none() {
@@ -518,6 +536,7 @@ async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: 
             None
         };
         let step = if let Some(incoming) = incoming {
+            let incoming = *incoming;
             start(
                 state,
                 caller,
@@ -550,15 +569,22 @@ async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: 
                 }
             }
         };
+        // The peer's close ended a run: what is still written goes before the answering
+        // close, which tungstenite holds until the session finishes.
+        let before_close = matches!(deferred.as_deref(), Some(Incoming::End(End::Answer)));
         match step {
             Step::Events(first) => {
                 // Boxed: a batch's state lives only while it is written.
-                if let Err(end) = Box::pin(write_batch(state, socket, first, mailbox)).await {
+                let batch = write_batch(state, socket, first, mailbox, before_close);
+                if let Err(end) = Box::pin(batch).await {
                     return end;
                 }
             }
             Step::Tail => {
-                if Box::pin(write_frames(state, socket, &[])).await.is_err() {
+                if Box::pin(write_frames(state, socket, &[], before_close))
+                    .await
+                    .is_err()
+                {
                     return End::Gone;
                 }
             }
@@ -569,7 +595,10 @@ async fn serve(state: &AppState, caller: &Caller, socket: &mut Socket, mailbox: 
                     push_frame(&mut bytes, text);
                 }
                 // Boxed, like a batch: the write's state lives only while it is written.
-                if Box::pin(write_frames(state, socket, &bytes)).await.is_err() {
+                if Box::pin(write_frames(state, socket, &bytes, before_close))
+                    .await
+                    .is_err()
+                {
                     return End::Gone;
                 }
                 state.metrics.frames_out.increment(count);
@@ -591,12 +620,12 @@ fn start<'a>(
     limiter: &Limiter,
     incoming: Incoming,
     pending: &mut Option<Answer<'a>>,
-    deferred: &mut Option<Incoming>,
+    deferred: &mut Option<Box<Incoming>>,
 ) -> Step {
     match incoming {
         Incoming::Request(frame) if pigeon_core::is_thread_send(&frame) => {
             let (run, next) = read_ahead(state, socket, mailbox, limiter, frame);
-            *deferred = next;
+            *deferred = next.map(Box::new);
             *pending = Some(Box::pin(state.chat.handle_sends(caller, run)));
             Step::Idle
         }
@@ -633,9 +662,20 @@ fn encode(frame: &ServerFrame) -> Option<Utf8Bytes> {
 /// A client that stops reading would otherwise hold its session (and its presence)
 /// forever: TCP keeps a zero window open indefinitely. A write that cannot finish within
 /// the heartbeat timeout ends the session; the client reconnects and syncs.
-async fn write_frames(state: &AppState, socket: &mut Socket, bytes: &[u8]) -> std::io::Result<()> {
+///
+/// With `before_close`, what tungstenite holds stays there: the peer's close has been
+/// read and tungstenite holds the answering close, which must go out after these bytes
+/// (nothing may follow a close frame), when the session finishes.
+async fn write_frames(
+    state: &AppState,
+    socket: &mut Socket,
+    bytes: &[u8],
+    before_close: bool,
+) -> std::io::Result<()> {
     let write = async {
-        socket.flush().await.map_err(std::io::Error::other)?;
+        if !before_close {
+            socket.flush().await.map_err(std::io::Error::other)?;
+        }
         socket.get_mut().write_all(bytes).await
     };
     timeout(state.config.heartbeat_timeout, write)
@@ -649,6 +689,7 @@ async fn write_batch(
     socket: &mut Socket,
     first: Utf8Bytes,
     mailbox: &Mailbox,
+    before_close: bool,
 ) -> Result<(), End> {
     let mut bytes = Vec::new();
     push_frame(&mut bytes, first);
@@ -668,7 +709,7 @@ async fn write_batch(
             Some(Outbound::Tail) | None => break,
         }
     }
-    write_frames(state, socket, &bytes)
+    write_frames(state, socket, &bytes, before_close)
         .await
         .map_err(|_| End::Gone)?;
     mailbox.ready();
@@ -702,7 +743,9 @@ fn error_frame(id: Option<ReqId>, error: &ChatError) -> ServerFrame {
 async fn send_frame(state: &AppState, socket: &mut Socket, frame: &ServerFrame) -> Result<(), ()> {
     let mut bytes = Vec::new();
     push_frame(&mut bytes, encode(frame).ok_or(())?);
-    write_frames(state, socket, &bytes).await.map_err(|_| ())?;
+    write_frames(state, socket, &bytes, false)
+        .await
+        .map_err(|_| ())?;
     state.metrics.frames_out.increment(1);
     Ok(())
 }
@@ -729,8 +772,8 @@ async fn finish(socket: &mut Socket, end: End) {
             })
             .await;
         }
-        // tungstenite queued the answer when it read the peer's close; it goes out on the
-        // next write or flush, and there is no next read.
+        // tungstenite queued the answer when it read the peer's close; it goes out now,
+        // after anything written since (a run's answers), and there is no next read.
         End::Answer => {
             let _ = timeout(bound, socket.flush()).await;
         }

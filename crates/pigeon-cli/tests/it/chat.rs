@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{Device, Server, Ws, send, sync_all};
 
@@ -173,6 +174,9 @@ async fn receipts_unread_and_the_conversation_list() {
         let ack = send(&mut a, "bob", &format!("ab{n}"), &format!("to bob {n}")).await;
         thread_with_bob = ack["thread_id"].as_str().unwrap().to_owned();
     }
+    // Times are in milliseconds: carol's message must come in a later one to sort first
+    // (a commit now takes well under a millisecond).
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     send(&mut c, "bob", "cb0", "carol here").await;
 
     let list = b.request(json!({"type": "threads"})).await;
@@ -441,14 +445,13 @@ async fn sends_written_back_to_back_are_answered_and_stored_in_order() {
             _ => json!({"type": "send", "id": n, "thread_id": thread, "client_msg_id": format!("m-{n}"), "body": format!("n{n}")}),
         });
     }
-    let all: String = frames
-        .iter()
-        .map(|f| f.to_string())
-        .collect::<Vec<_>>()
-        .join("\n");
-    for frame in all.lines() {
-        a.send_text(frame).await;
-    }
+    a.send_together(
+        frames
+            .iter()
+            .map(|f| Message::Text(f.to_string().into()))
+            .collect(),
+    )
+    .await;
     let mut answers = Vec::new();
     while answers.len() < frames.len() {
         let frame = a.next_frame().await.expect("an answer");
@@ -483,4 +486,39 @@ async fn sends_written_back_to_back_are_answered_and_stored_in_order() {
         got.push(event["seq"].as_u64().unwrap());
     }
     assert_eq!(got, (1..=148).collect::<Vec<u64>>());
+}
+
+/// A client that pipelines sends and then closes still gets every answer, before the
+/// server's close frame (nothing may follow a close).
+#[tokio::test]
+async fn a_close_right_after_pipelined_sends_comes_after_their_answers() {
+    let server = Server::start(&["--rate-limit", "100000", "--rate-burst", "100000"]);
+    let alice = server.user("alice").await;
+    server.user("bob").await;
+    let mut a = alice.connect(&server).await;
+    let thread = send(&mut a, "bob", "first", "hello").await["thread_id"].clone();
+    let mut messages: Vec<Message> = (0..20)
+        .map(|n| {
+            let frame = json!({"type": "send", "id": n, "thread_id": thread, "client_msg_id": format!("c-{n}"), "body": "x"});
+            Message::Text(frame.to_string().into())
+        })
+        .collect();
+    messages.push(Message::Close(None));
+    a.send_together(messages).await;
+    let mut ids = Vec::new();
+    while let Some(frame) = a.next_frame().await {
+        if frame["type"] == "sent" {
+            ids.push(frame["id"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(
+        ids,
+        (0..20).collect::<Vec<u64>>(),
+        "every answer, in order, before the close"
+    );
+    let mut a = alice.connect(&server).await;
+    let history = a
+        .request(json!({"type": "history", "thread_id": thread}))
+        .await;
+    assert_eq!(history["messages"].as_array().unwrap().len(), 21);
 }

@@ -365,6 +365,14 @@ impl Ws {
         self.stream.send(message).await.expect("send");
     }
 
+    /// Writes all these messages with one flush, so they reach the server together.
+    pub(crate) async fn send_together(&mut self, messages: Vec<Message>) {
+        for message in messages {
+            self.stream.feed(message).await.expect("send");
+        }
+        self.stream.flush().await.expect("flush");
+    }
+
     /// Returns the next event (a frame without an id).
     pub(crate) async fn event(&mut self) -> Value {
         if let Some(event) = self.events.pop_front() {

@@ -80,7 +80,13 @@ pub(crate) async fn execute_many(
             Err(error) => answers.push((request.id, Some(Err(error)))),
         }
     }
-    let mut outcomes = chat.store.append_messages(ready).await.into_iter();
+    // Nothing for the store when every request failed its checks.
+    let outcomes = if ready.is_empty() {
+        Vec::new()
+    } else {
+        chat.store.append_messages(ready).await
+    };
+    let mut outcomes = outcomes.into_iter();
     answers
         .into_iter()
         .map(|(id, answer)| {

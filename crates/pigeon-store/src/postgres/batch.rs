@@ -75,6 +75,9 @@ impl Appender {
         &self,
         messages: Vec<(NewMessage, CommitHook)>,
     ) -> Vec<Result<Appended>> {
+        if messages.is_empty() {
+            return Vec::new();
+        }
         let mut jobs = Vec::with_capacity(messages.len());
         let mut outcomes = Vec::with_capacity(messages.len());
         for (message, hook) in messages {
