@@ -74,6 +74,11 @@ pub async fn logout(server: &str, token: &str) -> Result<()> {
 pub(crate) struct Me {
     pub(crate) user_id: UserId,
     pub(crate) device_id: pigeon_proto::DeviceId,
+    /// The server's limits (absent from servers older than these fields).
+    #[serde(default)]
+    pub(crate) max_body_bytes: Option<usize>,
+    #[serde(default)]
+    pub(crate) max_frame_bytes: Option<usize>,
 }
 
 pub(crate) async fn me(http: &reqwest::Client, server: &str, token: &str) -> Result<Me> {

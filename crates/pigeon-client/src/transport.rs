@@ -29,9 +29,9 @@ pub(crate) enum Incoming {
 pub(crate) struct Identity {
     pub(crate) user_id: pigeon_proto::UserId,
     pub(crate) device_id: pigeon_proto::DeviceId,
-    /// The server's body limit, when it said (WebSocket `welcome`).
+    /// The server's body limit, when it said (`welcome`, or `GET /v1/me` for long-poll).
     pub(crate) max_body_bytes: Option<usize>,
-    /// The server's frame limit, when it said (WebSocket `welcome`).
+    /// The server's frame and HTTP body limit, when it said (as above).
     pub(crate) max_frame_bytes: Option<usize>,
 }
 
@@ -192,8 +192,8 @@ impl Connection {
             Identity {
                 user_id: me.user_id,
                 device_id: me.device_id,
-                max_body_bytes: None,
-                max_frame_bytes: None,
+                max_body_bytes: me.max_body_bytes,
+                max_frame_bytes: me.max_frame_bytes,
             },
         ))
     }

@@ -223,7 +223,8 @@ pub(crate) async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v1/me` → {user_id, username, device_id}: who this token is.
+/// `GET /v1/me` → {user_id, username, device_id, hide_last_seen, max_body_bytes,
+/// max_frame_bytes}: who this token is, and the limits `welcome` gives socket clients.
 pub(crate) async fn me(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     let caller = authenticate(&state, &headers).await?;
     let hide_last_seen = state.chat.hides_last_seen(&caller).await?;
@@ -232,6 +233,8 @@ pub(crate) async fn me(State(state): State<AppState>, headers: HeaderMap) -> Api
         "username": caller.username,
         "device_id": caller.device_id,
         "hide_last_seen": hide_last_seen,
+        "max_body_bytes": state.chat.config().max_body_bytes,
+        "max_frame_bytes": state.config.max_frame_bytes,
     });
     Ok(Json(body).into_response())
 }

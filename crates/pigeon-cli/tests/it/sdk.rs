@@ -378,4 +378,25 @@ async fn a_client_with_more_threads_than_one_frame_can_list_syncs_them_all() {
         .collect();
     assert_eq!(second.len(), GROUPS, "each once");
     assert_eq!(second.into_iter().collect::<BTreeSet<_>>(), expected);
+    drop(hub_events);
+    _hub.close().await;
+
+    // Over long-poll the limit is on HTTP bodies, learned from `GET /v1/me`.
+    for (n, thread_id) in groups.iter().enumerate() {
+        pal.send_text(Target::Thread(*thread_id), format!("third {n}"))
+            .await
+            .unwrap();
+    }
+    let session = pigeon_client::login(&base, "hub", PASSWORD, "sdk")
+        .await
+        .unwrap();
+    let mut config = ClientConfig::new(&base, &session.token);
+    config.cache = Some(cache_dir.path().join("hub.db"));
+    config.transport = Transport::LongPoll;
+    let (_hub, mut hub_events) = Client::connect(config).unwrap();
+    let third = collect_texts(&mut hub_events, GROUPS).await;
+    let expected: BTreeSet<_> = (0..GROUPS)
+        .map(|n| (groups[n], format!("third {n}")))
+        .collect();
+    assert_eq!(third.into_iter().collect::<BTreeSet<_>>(), expected);
 }
