@@ -1,8 +1,12 @@
 //! The cluster bus over core NATS.
 //!
-//! Every event goes out once per recipient user, on the subject `pigeon.user.<user_id>`.
-//! A node subscribes to the subjects of the users connected to it, and only those, so a
-//! node receives exactly the events its connections need. The connection is made with
+//! An event for a few users goes out once per recipient user, on the subject
+//! `pigeon.user.<user_id>`. A node subscribes to the subjects of the users connected to
+//! it, and only those, so it receives exactly the events its connections need. An event
+//! for more than [`BROADCAST_ABOVE`] users (a big group's message) goes out once, on
+//! `pigeon.fanout`, with the recipients' ids in the payload: every node subscribes to
+//! that subject and delivers to those of the users it holds. A 10,000-member group's
+//! message is then one publication instead of 10,000. The connection is made with
 //! `no_echo`: a node never receives its own publications, because it has already handed
 //! them to its local connections before publishing (local delivery never waits on the
 //! network).
@@ -27,6 +31,12 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{Bus, BusError, ConnId, Deliver, Envelope, Payload};
 
 const SUBJECT_PREFIX: &str = "pigeon.user.";
+/// The subject every node hears: events for many users, listed in the payload.
+const FANOUT_SUBJECT: &str = "pigeon.fanout";
+/// Events for more users than this are published once on [`FANOUT_SUBJECT`]. Each node
+/// then gets it once, whether or not it holds one of them; below this, one publication
+/// per user costs less than one per node in any cluster of sensible size.
+const BROADCAST_ABOVE: usize = 64;
 const HEADER_SKIP: &str = "Pigeon-Skip";
 const HEADER_CLOSE_DEVICE: &str = "Pigeon-Close-Device";
 /// Longest a new connection waits on NATS for its user's subscription.
@@ -115,6 +125,18 @@ impl NatsBus {
             dropped: metrics::counter!("pigeon_bus_dropped_total"),
         });
         tokio::spawn(receive(incoming, sink));
+        let fanout = bus
+            .client
+            .subscribe(FANOUT_SUBJECT)
+            .await
+            .map_err(|error| BusError::Unavailable(error.to_string()))?;
+        bus.client
+            .flush()
+            .await
+            .map_err(|error| BusError::Unavailable(error.to_string()))?;
+        bus.streams
+            .send(fanout.boxed())
+            .map_err(|_| BusError::Unavailable("bus receiver stopped".to_owned()))?;
         Ok(bus)
     }
 
@@ -150,12 +172,18 @@ fn subject(user: UserId) -> String {
 }
 
 fn decode(message: &async_nats::Message) -> Option<Envelope> {
-    let user: UserId = message
-        .subject
-        .as_str()
-        .strip_prefix(SUBJECT_PREFIX)?
-        .parse()
-        .ok()?;
+    let (users, body): (Arc<[UserId]>, Bytes) = if message.subject.as_str() == FANOUT_SUBJECT {
+        let (users, body) = split_fanout(&message.payload)?;
+        (users, body)
+    } else {
+        let user: UserId = message
+            .subject
+            .as_str()
+            .strip_prefix(SUBJECT_PREFIX)?
+            .parse()
+            .ok()?;
+        (Arc::from([user]), message.payload.clone())
+    };
     let headers = message.headers.as_ref();
     let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
     let skip = match header(HEADER_SKIP) {
@@ -164,13 +192,36 @@ fn decode(message: &async_nats::Message) -> Option<Envelope> {
     };
     let payload = match header(HEADER_CLOSE_DEVICE) {
         Some(device) => Payload::CloseDevice(device.parse::<DeviceId>().ok()?),
-        None => Payload::Frame(message.payload.clone()),
+        None => Payload::Frame(body),
     };
     Some(Envelope {
-        users: Arc::from([user]),
+        users,
         skip,
         payload,
     })
+}
+
+/// A fan-out payload: the number of users (4 bytes, big-endian), their 16-byte ids, then
+/// the event's bytes.
+fn join_fanout(users: &[UserId], body: &[u8]) -> Bytes {
+    let mut bytes = Vec::with_capacity(4 + users.len() * 16 + body.len());
+    bytes.extend_from_slice(&u32::try_from(users.len()).unwrap_or(u32::MAX).to_be_bytes());
+    for user in users {
+        bytes.extend_from_slice(user.as_bytes());
+    }
+    bytes.extend_from_slice(body);
+    Bytes::from(bytes)
+}
+
+fn split_fanout(payload: &Bytes) -> Option<(Arc<[UserId]>, Bytes)> {
+    let count = u32::from_be_bytes(payload.get(..4)?.try_into().ok()?) as usize;
+    let ids_end = 4usize.checked_add(count.checked_mul(16)?)?;
+    let ids = payload.get(4..ids_end)?;
+    let users = ids
+        .chunks_exact(16)
+        .map(|id| UserId::from_bytes(id.try_into().expect("16-byte chunks")))
+        .collect();
+    Some((users, payload.slice(ids_end..)))
 }
 
 #[async_trait]
@@ -196,6 +247,24 @@ impl Bus for NatsBus {
             }
         };
         let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
+        if envelope.users.len() > BROADCAST_ABOVE {
+            let payload = join_fanout(&envelope.users, &payload);
+            let publish = self
+                .client
+                .publish_with_headers(FANOUT_SUBJECT, headers, payload);
+            return match tokio::time::timeout_at(deadline, publish).await {
+                Ok(Ok(())) => {
+                    self.published.increment(1);
+                    Ok(())
+                }
+                Ok(Err(error)) => Err(BusError::Unavailable(error.to_string())),
+                Err(_) => {
+                    self.dropped.increment(envelope.users.len() as u64);
+                    tracing::warn!("bus publish timed out; dropping a fan-out event");
+                    Ok(())
+                }
+            };
+        }
         for (sent, user) in envelope.users.iter().enumerate() {
             let publish =
                 self.client

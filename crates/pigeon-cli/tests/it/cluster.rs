@@ -779,3 +779,53 @@ impl Drop for Relay {
         self.cut();
     }
 }
+
+/// A message to more than 64 members crosses nodes as one fan-out publication, which
+/// every node hears and delivers to the members it holds (and only to them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_group_message_reaches_members_on_every_node() {
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let owner = cluster.nodes[0].user("owner").await;
+    let mut names = Vec::new();
+    let mut devices = Vec::new();
+    for n in 0..80 {
+        let name = format!("member{n}");
+        devices.push(cluster.nodes[n % 3].user(&name).await);
+        names.push(name);
+    }
+    cluster.nodes[0].user("outsider").await;
+    let mut o = owner.connect(&cluster.nodes[0]).await;
+    let created = o
+        .request(json!({"type": "create_group", "title": "big", "members": names}))
+        .await;
+    assert_eq!(created["type"], "group", "{created}");
+    let thread_id = created["group"]["thread_id"].clone();
+    // One member on each node, and a non-member on the second.
+    let mut on_one = devices[1].connect(&cluster.nodes[1]).await;
+    let mut on_two = devices[2].connect(&cluster.nodes[2]).await;
+    let outsider = cluster.nodes[1].login("outsider").await;
+    let mut out = outsider.connect(&cluster.nodes[1]).await;
+
+    let published = cluster.nodes[0].metric("pigeon_bus_published_total").await;
+    let sent = o
+        .request(json!({"type": "send", "thread_id": thread_id, "client_msg_id": "big-1", "body": "to all 81"}))
+        .await;
+    assert_eq!(sent["type"], "sent", "{sent}");
+    for ws in [&mut on_one, &mut on_two] {
+        loop {
+            let message = ws.event_of("message").await;
+            if message["kind"] == "text" {
+                assert_eq!(message["body"], "to all 81");
+                assert_eq!(message["seq"], sent["seq"]);
+                break;
+            }
+        }
+    }
+    let heard = out.drain_events(Duration::from_millis(300)).await;
+    assert!(heard.iter().all(|e| e["type"] != "message"), "{heard:?}");
+    // One publication for 81 recipients (one per user would be 81).
+    let after = cluster.nodes[0].metric("pigeon_bus_published_total").await;
+    assert_eq!(after - published, 1.0);
+}
