@@ -335,7 +335,7 @@ impl Engine {
                 .contiguous
                 .keys()
                 .copied()
-                .filter(|id| from.is_none_or(|from| *id >= from))
+                .filter(|id| pigeon_proto::in_sync_range(*id, from, None))
                 .collect();
             known.sort_unstable();
             let before = known.get(per_page).copied();
@@ -396,11 +396,9 @@ impl Engine {
                 || have
                     .iter()
                     .any(|(id, held)| self.ordering.contiguous.get(id) != Some(held))
-                || self
-                    .ordering
-                    .contiguous
-                    .keys()
-                    .any(|id| !have.contains_key(id) && in_range(*id, from, before));
+                || self.ordering.contiguous.keys().any(|id| {
+                    !have.contains_key(id) && pigeon_proto::in_sync_range(*id, from, before)
+                });
             if more && advanced {
                 // The same range again, from where it now stands.
                 continue;
@@ -713,10 +711,6 @@ impl Engine {
 /// 1 KiB is left for the rest of the frame.
 fn have_capacity(max_frame: usize) -> usize {
     (max_frame.saturating_sub(1024) / 64).max(1)
-}
-
-fn in_range(id: ThreadId, from: Option<ThreadId>, before: Option<ThreadId>) -> bool {
-    from.is_none_or(|from| id >= from) && before.is_none_or(|before| id < before)
 }
 
 /// The request id of an answer, if the frame is one (and the id is ours: an integer).

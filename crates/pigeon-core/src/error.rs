@@ -1,7 +1,7 @@
 //! Errors of the chat service, and their one mapping to wire error codes.
 
 use pigeon_bus::BusError;
-use pigeon_proto::ErrorCode;
+use pigeon_proto::{ErrorCode, ReqId, ServerFrame};
 use pigeon_store::StoreError;
 
 /// Why a chat request failed.
@@ -125,6 +125,15 @@ impl ChatError {
                 "temporarily unavailable; retry".to_owned()
             }
             _ => self.to_string(),
+        }
+    }
+
+    /// The `error` frame answering the request `id` (`None` when it had no readable id).
+    pub fn frame(&self, id: Option<ReqId>) -> ServerFrame {
+        ServerFrame::Error {
+            id,
+            code: self.code(),
+            message: self.client_message(),
         }
     }
 }

@@ -129,46 +129,20 @@ impl ChatService {
         let id = frame.id().clone();
         match commands::execute(self, caller, frame).await {
             Ok(answer) => answer,
-            Err(error) => error_frame(id, &error),
+            Err(error) => error.frame(Some(id)),
         }
     }
 
-    /// Answers `send` requests into known threads (`thread_id`, no `to`) that one
-    /// connection had waiting at once: they are stored in this order, usually in one
-    /// transaction, and answered each on its own, in the same order. A frame that is not
-    /// such a send is handled on its own, in its place.
+    /// Answers `send` requests into known threads (`thread_id`, no `to`; see
+    /// [`is_thread_send`]) that one connection had waiting at once: they are stored in
+    /// this order, usually in one transaction, and answered each on its own, in the same
+    /// order. Any other frame among them is answered `invalid_field`.
     pub async fn handle_sends(
         &self,
         caller: &Caller,
         frames: Vec<ClientFrame>,
     ) -> Vec<ServerFrame> {
-        if !frames.iter().all(is_thread_send) {
-            let mut answers = Vec::with_capacity(frames.len());
-            for frame in frames {
-                answers.push(self.handle(caller, frame).await);
-            }
-            return answers;
-        }
-        let requests = frames
-            .into_iter()
-            .filter_map(|frame| match frame {
-                ClientFrame::Send {
-                    id,
-                    to,
-                    thread_id,
-                    client_msg_id,
-                    body,
-                } => Some(commands::send::Send {
-                    id,
-                    to,
-                    thread_id,
-                    client_msg_id,
-                    body,
-                }),
-                _ => None,
-            })
-            .collect();
-        commands::send::execute_many(self, caller, requests).await
+        commands::execute_sends(self, caller, frames).await
     }
 
     /// Publishes one event to the connections of `users`, except `skip`.
@@ -237,13 +211,4 @@ pub fn is_thread_send(frame: &ClientFrame) -> bool {
             ..
         }
     )
-}
-
-/// The answer to a request that failed.
-pub(crate) fn error_frame(id: pigeon_proto::ReqId, error: &ChatError) -> ServerFrame {
-    ServerFrame::Error {
-        id: Some(id),
-        code: error.code(),
-        message: error.client_message(),
-    }
 }

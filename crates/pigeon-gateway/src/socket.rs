@@ -375,7 +375,7 @@ async fn await_hello(
     match state.chat.authenticate(&token, None).await {
         Ok(caller) => Ok((caller, Some(id))),
         Err(error) => {
-            let frame = error_frame(Some(id), &error);
+            let frame = error.frame(Some(id));
             let _ = send_frame(state, socket, &frame).await;
             Err(match error.code() {
                 ErrorCode::Unauthorized => End::Close(close::UNAUTHORIZED, "invalid token"),
@@ -438,17 +438,16 @@ fn classify(
             state.metrics.frames_in.increment(1);
             let limited = limiter.check().is_err();
             match ClientFrame::parse(&text) {
-                Ok(frame) if limited => Incoming::Answer(error_frame(
-                    Some(frame.id().clone()),
-                    &ChatError::RateLimited,
-                )),
+                Ok(frame) if limited => {
+                    Incoming::Answer(ChatError::RateLimited.frame(Some(frame.id().clone())))
+                }
                 Ok(frame) => Incoming::Request(frame),
                 Err(FrameError::NotJson) => Incoming::End(End::Close(
                     close::INVALID_PAYLOAD,
                     "frame is not a JSON object",
                 )),
                 Err(FrameError::Invalid { id, .. }) if limited => {
-                    Incoming::Answer(error_frame(id, &ChatError::RateLimited))
+                    Incoming::Answer(ChatError::RateLimited.frame(id))
                 }
                 Err(FrameError::Invalid { id, code, message }) => {
                     Incoming::Answer(ServerFrame::Error { id, code, message })
@@ -729,14 +728,6 @@ fn read_error(error: tungstenite::Error) -> End {
             End::Close(close::POLICY_VIOLATION, "websocket protocol error")
         }
         _ => End::Gone,
-    }
-}
-
-fn error_frame(id: Option<ReqId>, error: &ChatError) -> ServerFrame {
-    ServerFrame::Error {
-        id,
-        code: error.code(),
-        message: error.client_message(),
     }
 }
 

@@ -746,6 +746,12 @@ pub struct PollResponse {
     pub events: Vec<ServerFrame>,
 }
 
+/// Whether `sync` with `threads_from` and `threads_before` covers `id`: at or after the
+/// first, before the second (ids in byte order). The server and the SDK both decide by it.
+pub fn in_sync_range(id: ThreadId, from: Option<ThreadId>, before: Option<ThreadId>) -> bool {
+    from.is_none_or(|from| id >= from) && before.is_none_or(|before| id < before)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

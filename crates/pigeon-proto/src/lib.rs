@@ -16,7 +16,7 @@ mod validate;
 pub use error::{ErrorCode, close};
 pub use frame::{
     ClientFrame, ContactAction, DeviceInfo, MarkKind, Message, MessageKind, PollResponse,
-    ServerFrame, ThreadKind, ThreadSummary, UserEventRecord, UserRef,
+    ServerFrame, ThreadKind, ThreadSummary, UserEventRecord, UserRef, in_sync_range,
 };
 pub use ids::{DeviceId, IdParseError, MessageId, ReqId, ThreadId, UserId};
 pub use model::{

@@ -12,14 +12,28 @@ use crate::support::{PASSWORD, Server, send_texts};
 
 /// Collects message events until `count` have arrived; returns (seq, body) in arrival order.
 async fn collect(mut events: Events, count: usize) -> Vec<(u64, String)> {
+    collect_where(&mut events, count, |message| {
+        Some((message.seq, message.body))
+    })
+    .await
+}
+
+/// The first `count` message events that `keep` keeps, in arrival order. A client that
+/// keeps reconnecting without getting them fails here within a minute.
+async fn collect_where<T>(
+    events: &mut Events,
+    count: usize,
+    keep: impl Fn(pigeon_proto::Message) -> Option<T>,
+) -> Vec<T> {
     let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while seen.len() < count {
-        match tokio::time::timeout(Duration::from_secs(60), events.next()).await {
-            Ok(Some(Event::Message(message))) => seen.push((message.seq, message.body)),
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(Event::Message(message))) => seen.extend(keep(message)),
             Ok(Some(Event::Fatal(error))) => panic!("client stopped: {error}"),
             Ok(Some(_)) => {}
             Ok(None) => panic!("client ended after {} messages", seen.len()),
-            Err(_) => panic!("no message for 60 s after {} of {count}", seen.len()),
+            Err(_) => panic!("only {} of {count} messages within 60 s", seen.len()),
         }
     }
     seen
@@ -290,25 +304,13 @@ async fn a_member_removed_and_added_again_keeps_receiving() {
     assert_eq!(seen, ["before", "welcome back"]);
 }
 
-/// Text messages until `count` have arrived, as (thread, body). A client that keeps
-/// reconnecting without getting them fails here within a minute.
+/// Text messages until `count` have arrived, as (thread, body).
 async fn collect_texts(events: &mut Events, count: usize) -> Vec<(pigeon_proto::ThreadId, String)> {
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while seen.len() < count {
-        match tokio::time::timeout_at(deadline, events.next()).await {
-            Ok(Some(Event::Message(message)))
-                if message.kind == pigeon_proto::MessageKind::Text =>
-            {
-                seen.push((message.thread_id, message.body))
-            }
-            Ok(Some(Event::Fatal(error))) => panic!("client stopped: {error}"),
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("client ended after {} messages", seen.len()),
-            Err(_) => panic!("only {} of {count} messages within 60 s", seen.len()),
-        }
-    }
-    seen
+    collect_where(events, count, |message| {
+        (message.kind == pigeon_proto::MessageKind::Text)
+            .then_some((message.thread_id, message.body))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

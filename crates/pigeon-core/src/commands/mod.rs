@@ -6,12 +6,13 @@ mod group;
 mod history;
 mod mark;
 mod presence;
-pub(crate) mod send;
+mod send;
 mod settings;
 mod sync;
 mod threads;
 mod typing;
 
+pub(crate) use send::execute_many as execute_sends;
 pub(crate) use typing::TypingThrottle;
 
 use pigeon_proto::{ClientFrame, ServerFrame};

@@ -1,7 +1,9 @@
 //! `send`: store a message (once per client_msg_id), ack after commit, deliver to members.
 
-use pigeon_proto::{Message, MessageKind, ReqId, ServerFrame, ThreadId, validate_client_msg_id};
-use pigeon_store::{CommitHook, NewMessage};
+use pigeon_proto::{
+    ClientFrame, Message, MessageKind, ReqId, ServerFrame, ThreadId, validate_client_msg_id,
+};
+use pigeon_store::{CommitHook, NewMessage, StoreError};
 
 use crate::publish::Item;
 use crate::{Caller, ChatError, ChatService, Result};
@@ -19,7 +21,7 @@ pub(crate) async fn execute(
     caller: &Caller,
     request: Send,
 ) -> Result<ServerFrame> {
-    check(chat, &request)?;
+    check(chat, &request.client_msg_id, &request.body)?;
     let thread_id = match (request.to, request.thread_id) {
         (Some(to), None) => {
             let peer = super::resolve_user(chat, &to).await?;
@@ -55,29 +57,31 @@ pub(crate) async fn execute(
 pub(crate) async fn execute_many(
     chat: &ChatService,
     caller: &Caller,
-    requests: Vec<Send>,
+    frames: Vec<ClientFrame>,
 ) -> Vec<ServerFrame> {
-    let mut answers: Vec<(ReqId, Option<Result<ServerFrame>>)> = Vec::with_capacity(requests.len());
-    let mut ready = Vec::with_capacity(requests.len());
-    for request in requests {
-        let checked = check(chat, &request).and_then(|()| match (&request.to, request.thread_id) {
-            (None, Some(thread_id)) => Ok(thread_id),
-            _ => Err(ChatError::InvalidField(
-                "request: sends taken together need thread_id".into(),
-            )),
-        });
-        match checked {
-            Ok(thread_id) => {
-                ready.push(prepare(
-                    chat,
-                    caller,
-                    thread_id,
-                    request.client_msg_id,
-                    request.body,
-                ));
-                answers.push((request.id, None));
+    // Each request's id, and its error when it never reaches the store.
+    let mut answers: Vec<(ReqId, Option<ChatError>)> = Vec::with_capacity(frames.len());
+    let mut ready = Vec::with_capacity(frames.len());
+    for frame in frames {
+        let ClientFrame::Send {
+            id,
+            to: None,
+            thread_id: Some(thread_id),
+            client_msg_id,
+            body,
+        } = frame
+        else {
+            let error =
+                ChatError::InvalidField("request: only sends with thread_id go together".into());
+            answers.push((frame.id().clone(), Some(error)));
+            continue;
+        };
+        match check(chat, &client_msg_id, &body) {
+            Ok(()) => {
+                ready.push(prepare(chat, caller, thread_id, client_msg_id, body));
+                answers.push((id, None));
             }
-            Err(error) => answers.push((request.id, Some(Err(error)))),
+            Err(error) => answers.push((id, Some(error))),
         }
     }
     // Nothing for the store when every request failed its checks.
@@ -89,35 +93,41 @@ pub(crate) async fn execute_many(
     let mut outcomes = outcomes.into_iter();
     answers
         .into_iter()
-        .map(|(id, answer)| {
-            let answer = answer.unwrap_or_else(|| match outcomes.next() {
-                Some(outcome) => outcome
-                    .map(|appended| sent(id.clone(), appended.message))
+        .map(|(id, refused)| {
+            let outcome = match refused {
+                Some(error) => Err(error),
+                None => outcomes
+                    .next()
+                    .unwrap_or_else(|| {
+                        Err(StoreError::Internal("a send without an outcome".into()))
+                    })
                     .map_err(ChatError::from),
-                None => Err(ChatError::Internal("a send without an outcome".into())),
-            });
-            answer.unwrap_or_else(|error| crate::service::error_frame(id, &error))
+            };
+            match outcome {
+                Ok(appended) => sent(id, appended.message),
+                Err(error) => error.frame(Some(id)),
+            }
         })
         .collect()
 }
 
 /// The checks that need nothing but the request.
-fn check(chat: &ChatService, request: &Send) -> Result<()> {
-    validate_client_msg_id(&request.client_msg_id).map_err(|_| {
+fn check(chat: &ChatService, client_msg_id: &str, body: &str) -> Result<()> {
+    validate_client_msg_id(client_msg_id).map_err(|_| {
         ChatError::InvalidField("client_msg_id: must be 1 to 64 bytes, without U+0000".into())
     })?;
     let limit = chat.config.max_body_bytes;
-    if request.body.len() > limit {
+    if body.len() > limit {
         return Err(ChatError::BodyTooLarge {
-            size: request.body.len(),
+            size: body.len(),
             limit,
         });
     }
-    if request.body.trim().is_empty() {
+    if body.trim().is_empty() {
         return Err(ChatError::InvalidField("body: must not be empty".into()));
     }
     // Text in PostgreSQL cannot hold it; refused on every store, so both behave alike.
-    if request.body.contains('\0') {
+    if body.contains('\0') {
         return Err(ChatError::InvalidField(
             "body: must not contain U+0000".into(),
         ));

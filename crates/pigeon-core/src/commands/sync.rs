@@ -21,8 +21,7 @@ pub(crate) struct Range {
 
 impl Range {
     fn contains(&self, thread_id: ThreadId) -> bool {
-        self.from.is_none_or(|from| thread_id >= from)
-            && self.before.is_none_or(|before| thread_id < before)
+        pigeon_proto::in_sync_range(thread_id, self.from, self.before)
     }
 }
 

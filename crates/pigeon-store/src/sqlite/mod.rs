@@ -190,10 +190,7 @@ impl SqliteStore {
         F: FnOnce(&Connection, &mut WriterState) -> Result<T> + Send + 'static,
         A: FnOnce(&T) + Send + 'static,
     {
-        self.enqueue(work, after_commit, isolation)
-            .await?
-            .await
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+        committed(self.enqueue(work, after_commit, isolation).await?).await
     }
 
     /// Queues a job for the writer; the receiver gets its outcome after the commit.
@@ -535,9 +532,7 @@ impl Store for SqliteStore {
         let mut outcomes = Vec::with_capacity(waiting.len());
         for queued in waiting {
             outcomes.push(match queued {
-                Ok(done) => done.await.unwrap_or_else(|_| {
-                    Err(StoreError::Unavailable("store writer stopped".into()))
-                }),
+                Ok(done) => committed(done).await,
                 Err(error) => Err(error),
             });
         }
@@ -1109,6 +1104,12 @@ fn insert_message(
     state.dirty_threads.insert(thread_id);
     state.appended_in_batch += 1;
     Ok(message)
+}
+
+/// The outcome of a queued job, once its batch has committed (or failed).
+async fn committed<T>(done: oneshot::Receiver<Result<T>>) -> Result<T> {
+    done.await
+        .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
 }
 
 fn load_blocks(conn: &Connection) -> Result<HashSet<(UserId, UserId)>> {
