@@ -1,29 +1,30 @@
 //! `group`: one group of M members, all connected; S of them send at a total rate R.
-//! Reports deliveries per second and the time from a send to its last member.
+//! Reports deliveries per second and the time from a send to its last member: when the
+//! frame reached the last member's socket (the kernel's receive timestamp), and when the
+//! bench had read it.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use pigeon_client::Rpc;
 use pigeon_proto::{ClientFrame, ServerFrame, ThreadId};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use super::common::{self, Sink, Socket};
+use super::common::{self, Sink};
+use super::listeners::{Listen, Listeners};
 use super::{BenchArgs, Rate};
 
-/// How often a member that only listens pings, well inside the server's default
-/// heartbeat timeout, so runs longer than it keep their sockets.
-const PING_EVERY: Duration = Duration::from_secs(20);
-
-/// Per message: deliveries so far, and the latest delivery (µs after the send).
+/// Per message: deliveries so far, and the latest delivery (µs after the send): when it
+/// reached the member's socket, and when the bench read it.
 struct Tally {
     deliveries: AtomicU64,
     last_us: AtomicU64,
+    last_read_us: AtomicU64,
 }
 
 /// What a member needs of an event: its type and a message's body, borrowed from the
@@ -43,11 +44,15 @@ struct Counting {
     tallies: Arc<Vec<Tally>>,
     duplicates: Arc<AtomicU64>,
     start: Instant,
+    /// The wall clock at `start`: arrival times come from the kernel in wall-clock time.
+    start_wall: SystemTime,
 }
 
-impl Counting {
+impl Listen for Counting {
+    type Seen = HashSet<usize>;
+
     /// Counts one text frame: a message's body is `n:sent_at_us:padding`.
-    fn frame(&self, text: &str, seen: &mut HashSet<usize>) {
+    fn frame(&self, text: &str, arrived: Option<SystemTime>, seen: &mut HashSet<usize>) {
         let Ok(event) = serde_json::from_str::<Incoming<'_>>(text) else {
             return;
         };
@@ -66,42 +71,28 @@ impl Counting {
             return;
         }
         if let Some(tally) = self.tallies.get(n) {
+            let read = common::micros_since(self.start);
+            let arrived = arrived
+                .and_then(|arrived| arrived.duration_since(self.start_wall).ok())
+                .map_or(read, |since| since.as_micros() as u64);
             tally.deliveries.fetch_add(1, Ordering::Relaxed);
-            tally.last_us.fetch_max(
-                common::micros_since(self.start).saturating_sub(at),
-                Ordering::Relaxed,
-            );
+            tally
+                .last_us
+                .fetch_max(arrived.saturating_sub(at), Ordering::Relaxed);
+            tally
+                .last_read_us
+                .fetch_max(read.saturating_sub(at), Ordering::Relaxed);
         }
     }
+}
 
-    /// A member that only listens: reads its own socket (no split) and pings.
-    async fn listen(self, mut socket: Socket) {
-        let mut seen = HashSet::new();
-        let mut next_ping = tokio::time::Instant::now() + PING_EVERY;
-        loop {
-            tokio::select! {
-                incoming = socket.next() => match incoming {
-                    Some(Ok(WsMessage::Text(text))) => self.frame(&text, &mut seen),
-                    Some(Ok(WsMessage::Close(_)) | Err(_)) | None => return,
-                    Some(Ok(_)) => {}
-                },
-                () = tokio::time::sleep_until(next_ping) => {
-                    let ping = json!({"type": "ping", "id": 0}).to_string();
-                    if socket.send(WsMessage::Text(ping.into())).await.is_err() {
-                        return;
-                    }
-                    next_ping += PING_EVERY;
-                }
-            }
-        }
-    }
-
+impl Counting {
     /// The reading half of a sender's socket (its sends keep it alive).
     async fn read(self, mut stream: common::Stream) {
         let mut seen = HashSet::new();
         while let Some(incoming) = stream.next().await {
             match incoming {
-                Ok(WsMessage::Text(text)) => self.frame(&text, &mut seen),
+                Ok(WsMessage::Text(text)) => self.frame(&text, None, &mut seen),
                 Ok(WsMessage::Close(_)) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -157,6 +148,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
             .map(|_| Tally {
                 deliveries: AtomicU64::new(0),
                 last_us: AtomicU64::new(0),
+                last_read_us: AtomicU64::new(0),
             })
             .collect(),
     );
@@ -165,7 +157,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
     let counter = Arc::new(AtomicU64::new(0));
     // Deliveries a member already had: counted apart, so a duplicate never hides a loss.
     let duplicates = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
+    let (start, start_wall) = (Instant::now(), SystemTime::now());
     let run_for = Duration::from_secs(args.duration);
     let deadline = tokio::time::Instant::now() + run_for;
     let cpu_before = args.server_pid.and_then(common::cpu_time);
@@ -174,18 +166,27 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         tallies: tallies.clone(),
         duplicates: duplicates.clone(),
         start,
+        start_wall,
     };
     let mut sinks = Vec::new();
     let mut readers = Vec::new();
+    let mut listening = Vec::new();
     for (index, socket) in sockets.into_iter().enumerate() {
         if index < senders {
             let (sink, stream) = socket.split();
             sinks.push(sink);
             readers.push(tokio::spawn(counting.clone().read(stream)));
         } else {
-            readers.push(tokio::spawn(counting.clone().listen(socket)));
+            listening.push(socket.into_inner().into_std()?);
         }
     }
+    let listeners = Listeners::start(
+        listening,
+        &counting,
+        args.listeners
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+        args.listeners_nice,
+    )?;
     let progress = common::Progress::start("group".into(), args.duration, args.json);
     let interval = match args.rate {
         Rate::PerSecond(rate) => Some(Duration::from_secs_f64(senders as f64 / rate.max(0.001))),
@@ -244,15 +245,18 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
     for reader in readers {
         reader.abort();
     }
+    let broken = listeners.broken.load(Ordering::Relaxed);
+    listeners.stop();
     drop(sinks);
 
-    let mut fanout = common::histogram();
+    let (mut fanout, mut fanout_read) = (common::histogram(), common::histogram());
     let mut delivered = 0u64;
     for tally in &tallies[..sent.min(tallies.len())] {
         let deliveries = tally.deliveries.load(Ordering::Relaxed);
         delivered += deliveries;
         if deliveries == per_message {
             let _ = fanout.record(tally.last_us.load(Ordering::Relaxed).max(1));
+            let _ = fanout_read.record(tally.last_read_us.load(Ordering::Relaxed).max(1));
         }
     }
     let expected = sent as u64 * per_message;
@@ -260,6 +264,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         "scenario": "group",
         "members": members,
         "senders": senders,
+        "listeners_nice": args.listeners_nice,
         "rate": args.rate.to_string(),
         "duration_s": args.duration,
         "messages": sent,
@@ -268,7 +273,9 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         "elapsed_s": (elapsed * 10.0).round() / 10.0,
         "lost": expected.saturating_sub(delivered),
         "duplicated": duplicates.load(Ordering::Relaxed),
+        "sockets_lost": broken,
         "fanout_ms": {"p50": common::ms(&fanout, 0.5), "p99": common::ms(&fanout, 0.99), "max": fanout.max() as f64 / 1000.0},
+        "fanout_read_ms": {"p50": common::ms(&fanout_read, 0.5), "p99": common::ms(&fanout_read, 0.99), "max": fanout_read.max() as f64 / 1000.0},
         "server_cpu_ms_per_1000": common::per_thousand(cpu, delivered),
     }))
 }

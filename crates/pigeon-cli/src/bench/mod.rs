@@ -6,6 +6,7 @@ mod common;
 mod connections;
 mod direct;
 mod group;
+mod listeners;
 mod sync;
 
 use std::fmt;
@@ -99,6 +100,15 @@ pub(crate) struct BenchArgs {
     /// `group`: how many members send.
     #[arg(long, default_value_t = 1)]
     senders: usize,
+    /// `group`: threads that read the listening members' sockets (default: one per core).
+    /// One message at a time is read fastest by one; a sustained load needs one per core.
+    #[arg(long)]
+    listeners: Option<usize>,
+    /// `group`: niceness (0 to 19) of the thread that reads the listening members' sockets.
+    /// At 19 the bench leaves the cores to the server while it fans out, as members on
+    /// devices of their own would; arrival times come from the kernel either way.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    listeners_nice: i32,
     /// `sync`: messages waiting.
     #[arg(long, default_value_t = 10_000)]
     backlog: usize,

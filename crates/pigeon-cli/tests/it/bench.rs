@@ -73,10 +73,19 @@ async fn every_scenario_runs_and_loses_nothing() {
         ],
     );
     assert_eq!(group["lost"], 0, "{group}");
+    assert_eq!(group["duplicated"], 0, "{group}");
+    assert_eq!(group["sockets_lost"], 0, "{group}");
     assert_eq!(
         group["deliveries"].as_u64().unwrap(),
         group["messages"].as_u64().unwrap() * 19
     );
+    // A frame reaches a socket before the bench reads it: the kernel's arrival times
+    // came through, and are not later than the reads.
+    let (arrived, read) = (
+        group["fanout_ms"]["max"].as_f64().unwrap(),
+        group["fanout_read_ms"]["max"].as_f64().unwrap(),
+    );
+    assert!(arrived > 0.0 && arrived <= read, "{group}");
 
     let connections = bench(
         &server,
