@@ -2,6 +2,8 @@
 
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::task::{self, Poll, ready};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -11,6 +13,7 @@ use hdrhistogram::Histogram;
 use pigeon_client::Session;
 use pigeon_proto::{ServerFrame, ThreadId};
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -70,7 +73,33 @@ pub(crate) async fn connect(
     token: &str,
     source: Option<IpAddr>,
 ) -> anyhow::Result<Socket> {
-    let (authority, addr) = loopback_server(server).await?;
+    let stream = open(server, source).await?;
+    upgrade(server, token, stream).await
+}
+
+/// Opens an authenticated socket for a member that only listens, and hands it back raw
+/// after `welcome`, with every byte read from it past the handshake's HTTP answer (the
+/// `welcome` frame, and whatever the server sent right behind it): the WebSocket
+/// reader reads ahead, and a raw reader that started after it would lose those bytes,
+/// or start inside a frame.
+pub(crate) async fn connect_raw(
+    server: &str,
+    token: &str,
+    source: Option<IpAddr>,
+) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let stream = Recording {
+        stream: open(server, source).await?,
+        read: Vec::new(),
+    };
+    let Recording { stream, read } = upgrade(server, token, stream).await?.into_inner();
+    let Some(end) = read.windows(4).position(|bytes| bytes == b"\r\n\r\n") else {
+        bail!("no end of the handshake's answer in what was read");
+    };
+    Ok((stream, read[end + 4..].to_vec()))
+}
+
+async fn open(server: &str, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+    let (_, addr) = loopback_server(server).await?;
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -81,6 +110,15 @@ pub(crate) async fn connect(
     }
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The WebSocket handshake with `token`, and the server's `welcome`.
+async fn upgrade<S>(server: &str, token: &str, stream: S) -> anyhow::Result<WebSocketStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (authority, _) = loopback_server(server).await?;
     let mut request = format!("ws://{authority}/ws").into_client_request()?;
     request
         .headers_mut()
@@ -94,6 +132,49 @@ pub(crate) async fn connect(
     match socket.next().await {
         Some(Ok(WsMessage::Text(text))) if text.contains("\"welcome\"") => Ok(socket),
         other => bail!("no welcome: {other:?}"),
+    }
+}
+
+/// A socket that keeps a copy of every byte read from it (for [`connect_raw`]).
+struct Recording {
+    stream: TcpStream,
+    read: Vec<u8>,
+}
+
+impl AsyncRead for Recording {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.stream).poll_read(cx, buf))?;
+        self.read.extend_from_slice(&buf.filled()[before..]);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Recording {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

@@ -38,14 +38,20 @@ struct Incoming<'a> {
     body: Option<Cow<'a, str>>,
 }
 
+/// A member's connection: a sender's WebSocket, or a listener's raw socket with what was
+/// read from it past the handshake.
+enum Joined {
+    /// Boxed: most members listen, and a WebSocket is five times a raw socket's size.
+    Sending(Box<common::Socket>),
+    Listening(tokio::net::TcpStream, Vec<u8>),
+}
+
 /// What every member's reader shares.
 #[derive(Clone)]
 struct Counting {
     tallies: Arc<Vec<Tally>>,
     duplicates: Arc<AtomicU64>,
     start: Instant,
-    /// The wall clock at `start`: arrival times come from the kernel in wall-clock time.
-    start_wall: SystemTime,
 }
 
 impl Listen for Counting {
@@ -72,9 +78,12 @@ impl Listen for Counting {
         }
         if let Some(tally) = self.tallies.get(n) {
             let read = common::micros_since(self.start);
-            let arrived = arrived
-                .and_then(|arrived| arrived.duration_since(self.start_wall).ok())
-                .map_or(read, |since| since.as_micros() as u64);
+            // How long the frame waited in the socket, by the wall clock (the kernel's
+            // timestamps are wall-clock ones), taken off the read time.
+            let waited = arrived
+                .and_then(|arrived| SystemTime::now().duration_since(arrived).ok())
+                .map_or(0, |waited| waited.as_micros() as u64);
+            let arrived = read.saturating_sub(waited);
             tally.deliveries.fetch_add(1, Ordering::Relaxed);
             tally
                 .last_us
@@ -130,9 +139,20 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
             .await?;
     }
 
-    // Every member connected; bounded concurrency so the accept queue keeps up.
-    let sockets: Vec<_> = futures::stream::iter(sessions.iter().enumerate())
-        .map(|(index, session)| common::connect(server, &session.token, args.source_address(index)))
+    // Every member connected; bounded concurrency so the accept queue keeps up. Senders
+    // keep a WebSocket; members that only listen are read raw (see `listeners`).
+    let sockets: Vec<Joined> = futures::stream::iter(sessions.iter().enumerate())
+        .map(|(index, session)| async move {
+            let source = args.source_address(index);
+            anyhow::Ok(if index < senders {
+                Joined::Sending(Box::new(
+                    common::connect(server, &session.token, source).await?,
+                ))
+            } else {
+                let (stream, read) = common::connect_raw(server, &session.token, source).await?;
+                Joined::Listening(stream, read)
+            })
+        })
         .buffered(128)
         .collect::<Vec<_>>()
         .await
@@ -157,7 +177,7 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
     let counter = Arc::new(AtomicU64::new(0));
     // Deliveries a member already had: counted apart, so a duplicate never hides a loss.
     let duplicates = Arc::new(AtomicU64::new(0));
-    let (start, start_wall) = (Instant::now(), SystemTime::now());
+    let start = Instant::now();
     let run_for = Duration::from_secs(args.duration);
     let deadline = tokio::time::Instant::now() + run_for;
     let cpu_before = args.server_pid.and_then(common::cpu_time);
@@ -166,18 +186,18 @@ pub(crate) async fn run(server: &str, args: &BenchArgs) -> anyhow::Result<Value>
         tallies: tallies.clone(),
         duplicates: duplicates.clone(),
         start,
-        start_wall,
     };
     let mut sinks = Vec::new();
     let mut readers = Vec::new();
     let mut listening = Vec::new();
-    for (index, socket) in sockets.into_iter().enumerate() {
-        if index < senders {
-            let (sink, stream) = socket.split();
-            sinks.push(sink);
-            readers.push(tokio::spawn(counting.clone().read(stream)));
-        } else {
-            listening.push(socket.into_inner().into_std()?);
+    for socket in sockets {
+        match socket {
+            Joined::Sending(socket) => {
+                let (sink, stream) = (*socket).split();
+                sinks.push(sink);
+                readers.push(tokio::spawn(counting.clone().read(stream)));
+            }
+            Joined::Listening(stream, read) => listening.push((stream.into_std()?, read)),
         }
     }
     let listeners = Listeners::start(

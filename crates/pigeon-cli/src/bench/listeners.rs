@@ -11,7 +11,7 @@
 //! received its last byte (`SO_TIMESTAMPNS`), so "reached the member" does not include
 //! the time the bench took to get to the socket.
 
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Write as _};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,26 +56,33 @@ struct Member<S> {
 }
 
 impl Listeners {
-    /// Starts reading `streams` (each past its `welcome`, with nothing of it unread) on
-    /// `threads` threads of niceness `nice`, each waiting on its share of the sockets.
+    /// Starts reading `streams` on `threads` threads of niceness `nice`, each waiting on its
+    /// share of the sockets. Each stream comes with the bytes already read from it past the
+    /// handshake (see [`super::common::connect_raw`]).
     pub(crate) fn start<L: Listen + Clone>(
-        streams: Vec<std::net::TcpStream>,
+        streams: Vec<(std::net::TcpStream, Vec<u8>)>,
         listen: &L,
         threads: usize,
         nice: i32,
     ) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let broken = Arc::new(AtomicU64::new(0));
-        let threads = threads.clamp(1, streams.len().max(1));
-        let mut shares: Vec<Vec<std::net::TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
+        // Built first: if starting a later thread fails, dropping it stops the earlier ones.
+        let mut listeners = Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            broken: Arc::new(AtomicU64::new(0)),
+        };
+        if streams.is_empty() {
+            return Ok(listeners);
+        }
+        let threads = threads.clamp(1, streams.len());
+        let mut shares: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
         for (index, stream) in streams.into_iter().enumerate() {
             shares[index % threads].push(stream);
         }
-        let mut handles = Vec::with_capacity(threads);
         for (index, share) in shares.into_iter().enumerate() {
             let poll = Poll::new()?;
             let mut members = Vec::with_capacity(share.len());
-            for (token, stream) in share.into_iter().enumerate() {
+            for (token, (stream, read)) in share.into_iter().enumerate() {
                 stream.set_nonblocking(true)?;
                 // The time a frame reached the socket, not when a thread got to it: the
                 // bench shares the cores with the server, so its reading lags the arrivals.
@@ -83,37 +90,34 @@ impl Listeners {
                 let mut stream = TcpStream::from_std(stream);
                 poll.registry()
                     .register(&mut stream, Token(token), Interest::READABLE)?;
-                members.push(Some(Member {
-                    stream,
-                    partial: Vec::new(),
-                    seen: L::Seen::default(),
-                }));
+                members.push((
+                    Member {
+                        stream,
+                        partial: Vec::new(),
+                        seen: L::Seen::default(),
+                    },
+                    read,
+                ));
             }
-            let (stopped, broken, listen) = (stop.clone(), broken.clone(), listen.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("bench-listen-{index}"))
-                .spawn(move || {
-                    // Linux keeps a niceness per thread: the listeners alone yield.
-                    if let Err(error) =
-                        rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice)
-                    {
-                        tracing::warn!(%error, nice, "could not set the listeners' niceness");
-                    }
-                    run(poll, members, &listen, &stopped, &broken);
-                });
-            match handle {
-                Ok(handle) => handles.push(handle),
-                Err(error) => {
-                    stop.store(true, Ordering::Relaxed);
-                    return Err(error);
-                }
-            }
+            let (stop, broken, listen) = (
+                listeners.stop.clone(),
+                listeners.broken.clone(),
+                listen.clone(),
+            );
+            listeners.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("bench-listen-{index}"))
+                    .spawn(move || {
+                        // Linux keeps a niceness per thread: the listeners alone yield.
+                        let me = rustix::thread::gettid();
+                        if let Err(error) = rustix::process::setpriority_process(Some(me), nice) {
+                            tracing::warn!(%error, nice, "could not set the listeners' niceness");
+                        }
+                        run(poll, members, &listen, &stop, &broken);
+                    })?,
+            );
         }
-        Ok(Self {
-            stop,
-            threads: handles,
-            broken,
-        })
+        Ok(listeners)
     }
 
     /// Stops reading and closes the sockets.
@@ -133,11 +137,21 @@ impl Drop for Listeners {
 
 fn run<L: Listen>(
     mut poll: Poll,
-    mut members: Vec<Option<Member<L::Seen>>>,
+    members: Vec<(Member<L::Seen>, Vec<u8>)>,
     listen: &L,
     stop: &AtomicBool,
     broken: &AtomicU64,
 ) {
+    // What the handshake read past its answer goes first (`welcome`, and whatever came
+    // right behind it).
+    let mut members: Vec<_> = members
+        .into_iter()
+        .map(|(mut member, read)| take(&mut member, &read, None, listen).then_some(member))
+        .collect();
+    broken.fetch_add(
+        members.iter().filter(|member| member.is_none()).count() as u64,
+        Ordering::Relaxed,
+    );
     let mut events = Events::with_capacity(1024);
     let mut scratch = Scratch {
         data: vec![0u8; 64 * 1024],
@@ -145,27 +159,51 @@ fn run<L: Listen>(
     };
     let mut pings = Pings::new(members.len());
     while !stop.load(Ordering::Relaxed) {
-        if poll
-            .poll(&mut events, Some(Duration::from_millis(50)))
-            .is_err_and(|error| error.kind() != ErrorKind::Interrupted)
-        {
-            break;
+        if let Err(error) = poll.poll(&mut events, Some(Duration::from_millis(50))) {
+            if error.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            let open = members.iter().flatten().count();
+            tracing::warn!(%error, sockets = open, "a listener thread stopped waiting");
+            broken.fetch_add(open as u64, Ordering::Relaxed);
+            return;
         }
         for event in &events {
             let slot = &mut members[event.token().0];
-            let Some(member) = slot else { continue };
-            if !read(member, &mut scratch, listen) {
-                let _ = poll.registry().deregister(&mut member.stream);
-                *slot = None;
-                broken.fetch_add(1, Ordering::Relaxed);
+            if let Some(member) = slot
+                && !read(member, &mut scratch, listen)
+            {
+                drop_member(&poll, slot, broken);
             }
         }
         for due in pings.due() {
-            if let Some(member) = &members[due] {
-                let _ = (&member.stream).write(&pings.frame);
+            let slot = &mut members[due];
+            if let Some(member) = slot
+                && !send(
+                    &member.stream,
+                    br#"{"type":"ping","id":0}"#,
+                    OpCode::Data(Data::Text),
+                )
+            {
+                drop_member(&poll, slot, broken);
             }
         }
     }
+}
+
+fn drop_member<S>(poll: &Poll, slot: &mut Option<Member<S>>, broken: &AtomicU64) {
+    if let Some(mut member) = slot.take() {
+        let _ = poll.registry().deregister(&mut member.stream);
+        broken.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Writes one client frame whole; `false` when it could not be (a part of a frame would
+/// leave the stream broken; a full send buffer is not expected for a ping).
+fn send(mut stream: &TcpStream, payload: &[u8], opcode: OpCode) -> bool {
+    let mut frame = Vec::new();
+    client_frame(payload, opcode, &mut frame);
+    matches!(stream.write(&frame), Ok(written) if written == frame.len())
 }
 
 /// Each member pings once per [`PING_EVERY`], at its own point of the period (as real
@@ -176,28 +214,21 @@ struct Pings {
     members: usize,
     /// Pings sent so far; member `sent % members` is next.
     sent: u64,
-    frame: Vec<u8>,
 }
 
 impl Pings {
     fn new(members: usize) -> Self {
-        let mut frame = Vec::new();
-        client_frame(
-            br#"{"type":"ping","id":0}"#,
-            OpCode::Data(Data::Text),
-            &mut frame,
-        );
         Self {
             start: Instant::now(),
             members,
             sent: 0,
-            frame,
         }
     }
 
     /// The members whose ping is due now.
     fn due(&mut self) -> impl Iterator<Item = usize> + use<> {
-        let members = self.members.max(1) as u64;
+        // Nobody to ping: nothing is ever owed (and `% members` below is never by zero).
+        let members = self.members as u64;
         let periods = self.start.elapsed().as_secs_f64() / PING_EVERY.as_secs_f64();
         let owed = (periods * members as f64) as u64;
         let from = self.sent;
@@ -221,11 +252,14 @@ fn receive(stream: &TcpStream, scratch: &mut Scratch) -> nix::Result<(usize, Opt
         Some(&mut scratch.control),
         MsgFlags::empty(),
     )?;
-    let arrived = message.cmsgs()?.find_map(|control| match control {
-        ControlMessageOwned::ScmTimestampns(at) => {
-            Some(SystemTime::UNIX_EPOCH + Duration::from(at))
-        }
-        _ => None,
+    // Control data the kernel cut short only costs the timestamp, not the bytes.
+    let arrived = message.cmsgs().ok().and_then(|mut controls| {
+        controls.find_map(|control| match control {
+            ControlMessageOwned::ScmTimestampns(at) => {
+                Some(SystemTime::UNIX_EPOCH + Duration::from(at))
+            }
+            _ => None,
+        })
     });
     Ok((message.bytes, arrived))
 }
@@ -241,38 +275,52 @@ fn read<L: Listen>(member: &mut Member<L::Seen>, scratch: &mut Scratch, listen: 
             Err(nix::Error::EINTR) => continue,
             Err(_) => return false,
         };
-        let mut data = std::mem::take(&mut member.partial);
-        let bytes = if data.is_empty() {
-            &scratch.data[..read]
-        } else {
-            data.extend_from_slice(&scratch.data[..read]);
-            &data[..]
-        };
-        let mut pong = None;
-        let Some(used) = frames(bytes, |opcode, payload| match opcode {
-            OpCode::Data(Data::Text) => match std::str::from_utf8(payload) {
-                Ok(text) => {
-                    listen.frame(text, arrived, &mut member.seen);
-                    true
-                }
-                Err(_) => false,
-            },
-            OpCode::Control(Control::Ping) => {
-                pong = Some(payload.to_vec());
+        if !take(member, &scratch.data[..read], arrived, listen) {
+            return false;
+        }
+    }
+}
+
+/// Takes the frames that `read` completes (after what was left of the last read), and
+/// keeps the start of an unfinished one. `false` when the stream is done or broken.
+fn take<L: Listen>(
+    member: &mut Member<L::Seen>,
+    read: &[u8],
+    arrived: Option<SystemTime>,
+    listen: &L,
+) -> bool {
+    let mut data = std::mem::take(&mut member.partial);
+    let bytes = if data.is_empty() {
+        read
+    } else {
+        data.extend_from_slice(read);
+        &data[..]
+    };
+    let mut pong = None;
+    let Some(used) = frames(bytes, |opcode, payload| match opcode {
+        OpCode::Data(Data::Text) => match std::str::from_utf8(payload) {
+            Ok(text) => {
+                listen.frame(text, arrived, &mut member.seen);
                 true
             }
-            OpCode::Control(Control::Close) => false,
-            _ => true,
-        }) else {
-            return false;
-        };
-        if let Some(payload) = pong {
-            let mut frame = Vec::new();
-            client_frame(&payload, OpCode::Control(Control::Pong), &mut frame);
-            let _ = (&member.stream).write(&frame);
+            Err(_) => false,
+        },
+        OpCode::Control(Control::Ping) => {
+            pong = Some(payload.to_vec());
+            true
         }
-        member.partial = bytes[used..].to_vec();
+        OpCode::Control(Control::Close) => false,
+        _ => true,
+    }) else {
+        return false;
+    };
+    if let Some(payload) = pong
+        && !send(&member.stream, &payload, OpCode::Control(Control::Pong))
+    {
+        return false;
     }
+    member.partial = bytes[used..].to_vec();
+    true
 }
 
 /// Hands each complete server frame at the start of `bytes` to `each`; returns how many
@@ -373,6 +421,62 @@ mod tests {
         let mut fragment = server_frame(b"abc", 1);
         fragment[0] &= 0x7f;
         assert_eq!(frames(&fragment, |_, _| true), None);
+    }
+
+    #[test]
+    fn pings_are_spread_over_the_period_and_none_without_members() {
+        let ago = |seconds| Instant::now() - Duration::from_secs(seconds);
+        let mut none = Pings {
+            start: ago(25),
+            members: 0,
+            sent: 0,
+        };
+        assert_eq!(none.due().count(), 0);
+        // Half a period in, half of the members have pinged, each once.
+        let mut four = Pings {
+            start: ago(10),
+            members: 4,
+            sent: 0,
+        };
+        assert_eq!(four.due().collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(four.due().count(), 0);
+    }
+
+    /// Collects the texts it is given.
+    #[derive(Clone, Default)]
+    struct Texts(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl Listen for Texts {
+        type Seen = ();
+        fn frame(&self, text: &str, _: Option<SystemTime>, (): &mut ()) {
+            self.0.lock().unwrap().push(text.to_owned());
+        }
+    }
+
+    #[test]
+    fn bytes_read_ahead_are_taken_first_and_a_frame_may_span_reads() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut member = Member {
+            stream: TcpStream::from_std(stream),
+            partial: Vec::new(),
+            seen: (),
+        };
+        let texts = Texts::default();
+        // What the handshake read past its answer: `welcome`, and the start of the next.
+        let mut ahead = server_frame(br#"{"type":"welcome"}"#, 1);
+        let next = server_frame(br#"{"type":"message"}"#, 1);
+        ahead.extend_from_slice(&next[..5]);
+        assert!(take(&mut member, &ahead, None, &texts));
+        assert_eq!(member.partial, &next[..5]);
+        assert!(take(&mut member, &next[5..], None, &texts));
+        assert!(member.partial.is_empty());
+        assert_eq!(
+            *texts.0.lock().unwrap(),
+            [r#"{"type":"welcome"}"#, r#"{"type":"message"}"#]
+        );
+        // A close ends the member.
+        assert!(!take(&mut member, &server_frame(b"", 8), None, &texts));
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub(crate) struct BenchArgs {
     /// One message at a time is read fastest by one; a sustained load needs one per core.
     #[arg(long)]
     listeners: Option<usize>,
-    /// `group`: niceness (0 to 19) of the thread that reads the listening members' sockets.
+    /// `group`: niceness (0 to 19) of the threads that read the listening members' sockets.
     /// At 19 the bench leaves the cores to the server while it fans out, as members on
     /// devices of their own would; arrival times come from the kernel either way.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
