@@ -28,8 +28,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpC
 pub(crate) trait Listen: Send + 'static {
     /// A listener's own record of what it has seen (to find duplicates).
     type Seen: Default + Send;
-    /// One text frame; `arrived` is when the kernel put it into the listener's socket
-    /// (the last of the frames one read returned), when it said.
+    /// One text frame; `arrived` is when the kernel received it, if it said: for all the
+    /// frames of one read, when the last of their bytes arrived.
     fn frame(&self, text: &str, arrived: Option<SystemTime>, seen: &mut Self::Seen);
 }
 
