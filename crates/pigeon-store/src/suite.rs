@@ -234,9 +234,8 @@ pub(crate) async fn sends_queued_together_each_get_their_own_answer(store: &dyn 
     );
 }
 
-/// `append_messages`: the sends one connection had waiting are stored in their order,
-/// each with its own outcome, alongside other callers' sends.
-pub(crate) async fn one_call_of_many_sends_keeps_its_order(store: &dyn Store) {
+/// Alice, Bob and Carol, and Alice's direct threads with Bob and with Carol.
+async fn alice_bob_carol(store: &dyn Store) -> (UserId, UserId, UserId, ThreadId, ThreadId) {
     let alice = user(store, "alice").await;
     let bob = user(store, "bob").await;
     let carol = user(store, "carol").await;
@@ -245,6 +244,13 @@ pub(crate) async fn one_call_of_many_sends_keeps_its_order(store: &dyn Store) {
         .get_or_create_direct_thread(alice, carol)
         .await
         .unwrap();
+    (alice, bob, carol, with_bob, with_carol)
+}
+
+/// `append_messages`: the sends one connection had waiting are stored in their order,
+/// each with its own outcome, alongside other callers' sends.
+pub(crate) async fn one_call_of_many_sends_keeps_its_order(store: &dyn Store) {
+    let (alice, bob, carol, with_bob, with_carol) = alice_bob_carol(store).await;
     let bob_and_carol = store.get_or_create_direct_thread(bob, carol).await.unwrap();
     let call = |from: UserId, thread: ThreadId, prefix: &'static str| {
         let msgs = (0..30)
@@ -451,14 +457,7 @@ pub(crate) async fn pages_come_from_either_end_of_a_range(store: &dyn Store) {
 }
 
 pub(crate) async fn thread_list_is_most_recent_first_with_unread(store: &dyn Store) {
-    let alice = user(store, "alice").await;
-    let bob = user(store, "bob").await;
-    let carol = user(store, "carol").await;
-    let with_bob = store.get_or_create_direct_thread(alice, bob).await.unwrap();
-    let with_carol = store
-        .get_or_create_direct_thread(alice, carol)
-        .await
-        .unwrap();
+    let (alice, bob, carol, with_bob, with_carol) = alice_bob_carol(store).await;
     append(store, text(with_bob, bob, "b1")).await.unwrap();
     append(store, text(with_bob, bob, "b2")).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;

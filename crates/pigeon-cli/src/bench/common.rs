@@ -1,6 +1,6 @@
 //! What every scenario needs: users, lean sockets, server CPU and memory, histograms.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::task::{self, Poll, ready};
@@ -56,11 +56,11 @@ pub(crate) fn run_prefix(scenario: &str) -> String {
 
 /// Resolves the server and refuses anything but loopback: every byte the bench sends,
 /// registrations included, goes to this machine.
-pub(crate) async fn loopback_server(server: &str) -> anyhow::Result<(&str, std::net::SocketAddr)> {
+pub(crate) async fn loopback_server(server: &str) -> anyhow::Result<(&str, SocketAddr)> {
     let authority = server
         .strip_prefix("http://")
         .context("the bench speaks plain http:// to loopback")?;
-    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(authority).await?.collect();
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority).await?.collect();
     match addrs.first() {
         Some(addr) if addrs.iter().all(|a| a.ip().is_loopback()) => Ok((authority, *addr)),
         _ => bail!("the bench only sends traffic to loopback addresses, not {authority}"),
@@ -73,8 +73,9 @@ pub(crate) async fn connect(
     token: &str,
     source: Option<IpAddr>,
 ) -> anyhow::Result<Socket> {
-    let stream = open(server, source).await?;
-    upgrade(server, token, stream).await
+    let (authority, addr) = loopback_server(server).await?;
+    let stream = open(addr, source).await?;
+    upgrade(authority, token, stream).await
 }
 
 /// Opens an authenticated socket for a member that only listens, and hands it back raw
@@ -87,19 +88,19 @@ pub(crate) async fn connect_raw(
     token: &str,
     source: Option<IpAddr>,
 ) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let (authority, addr) = loopback_server(server).await?;
     let stream = Recording {
-        stream: open(server, source).await?,
+        stream: open(addr, source).await?,
         read: Vec::new(),
     };
-    let Recording { stream, read } = upgrade(server, token, stream).await?.into_inner();
+    let Recording { stream, read } = upgrade(authority, token, stream).await?.into_inner();
     let Some(end) = read.windows(4).position(|bytes| bytes == b"\r\n\r\n") else {
         bail!("no end of the handshake's answer in what was read");
     };
     Ok((stream, read[end + 4..].to_vec()))
 }
 
-async fn open(server: &str, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
-    let (_, addr) = loopback_server(server).await?;
+async fn open(addr: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -114,11 +115,10 @@ async fn open(server: &str, source: Option<IpAddr>) -> anyhow::Result<TcpStream>
 }
 
 /// The WebSocket handshake with `token`, and the server's `welcome`.
-async fn upgrade<S>(server: &str, token: &str, stream: S) -> anyhow::Result<WebSocketStream<S>>
+async fn upgrade<S>(authority: &str, token: &str, stream: S) -> anyhow::Result<WebSocketStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (authority, _) = loopback_server(server).await?;
     let mut request = format!("ws://{authority}/ws").into_client_request()?;
     request
         .headers_mut()

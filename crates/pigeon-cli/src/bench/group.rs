@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use pigeon_client::Rpc;
@@ -58,7 +58,7 @@ impl Listen for Counting {
     type Seen = HashSet<usize>;
 
     /// Counts one text frame: a message's body is `n:sent_at_us:padding`.
-    fn frame(&self, text: &str, arrived: Option<SystemTime>, seen: &mut HashSet<usize>) {
+    fn frame(&self, text: &str, arrived: Instant, read: Instant, seen: &mut HashSet<usize>) {
         let Ok(event) = serde_json::from_str::<Incoming<'_>>(text) else {
             return;
         };
@@ -77,13 +77,10 @@ impl Listen for Counting {
             return;
         }
         if let Some(tally) = self.tallies.get(n) {
-            let read = common::micros_since(self.start);
-            // How long the frame waited in the socket, by the wall clock (the kernel's
-            // timestamps are wall-clock ones), taken off the read time.
-            let waited = arrived
-                .and_then(|arrived| SystemTime::now().duration_since(arrived).ok())
-                .map_or(0, |waited| waited.as_micros() as u64);
-            let arrived = read.saturating_sub(waited);
+            let (arrived, read) = (
+                common::micros_at(self.start, arrived),
+                common::micros_at(self.start, read),
+            );
             tally.deliveries.fetch_add(1, Ordering::Relaxed);
             tally
                 .last_us
@@ -101,7 +98,10 @@ impl Counting {
         let mut seen = HashSet::new();
         while let Some(incoming) = stream.next().await {
             match incoming {
-                Ok(WsMessage::Text(text)) => self.frame(&text, None, &mut seen),
+                Ok(WsMessage::Text(text)) => {
+                    let now = Instant::now();
+                    self.frame(&text, now, now, &mut seen);
+                }
                 Ok(WsMessage::Close(_)) | Err(_) => return,
                 Ok(_) => {}
             }

@@ -28,9 +28,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpC
 pub(crate) trait Listen: Send + 'static {
     /// A listener's own record of what it has seen (to find duplicates).
     type Seen: Default + Send;
-    /// One text frame; `arrived` is when the kernel received it, if it said: for all the
-    /// frames of one read, when the last of their bytes arrived.
-    fn frame(&self, text: &str, arrived: Option<SystemTime>, seen: &mut Self::Seen);
+    /// One text frame, read at `read`; `arrived` is when the kernel received it (for all
+    /// the frames of one read, when the last of their bytes arrived), or `read` when the
+    /// kernel did not say.
+    fn frame(&self, text: &str, arrived: Instant, read: Instant, seen: &mut Self::Seen);
 }
 
 /// How often a listener pings, well inside the server's default heartbeat timeout, so
@@ -146,7 +147,10 @@ fn run<L: Listen>(
     // right behind it).
     let mut members: Vec<_> = members
         .into_iter()
-        .map(|(mut member, read)| take(&mut member, &read, None, listen).then_some(member))
+        .map(|(mut member, read)| {
+            let now = Instant::now();
+            take(&mut member, &read, now, now, listen).then_some(member)
+        })
         .collect();
     broken.fetch_add(
         members.iter().filter(|member| member.is_none()).count() as u64,
@@ -243,8 +247,10 @@ struct Scratch {
     control: Vec<u8>,
 }
 
-/// One read of a socket: how many bytes, and when the last of them arrived.
-fn receive(stream: &TcpStream, scratch: &mut Scratch) -> nix::Result<(usize, Option<SystemTime>)> {
+/// One read of a socket: how many bytes, when the last of them arrived, and when they were
+/// read. The kernel's timestamp is wall-clock time: what counts is how long the bytes
+/// waited, taken off the monotonic clock.
+fn receive(stream: &TcpStream, scratch: &mut Scratch) -> nix::Result<(usize, Instant, Instant)> {
     let mut iov = [std::io::IoSliceMut::new(&mut scratch.data)];
     let message = recvmsg::<()>(
         stream.as_raw_fd(),
@@ -261,46 +267,51 @@ fn receive(stream: &TcpStream, scratch: &mut Scratch) -> nix::Result<(usize, Opt
             _ => None,
         })
     });
-    Ok((message.bytes, arrived))
+    let read = Instant::now();
+    let waited = arrived.and_then(|arrived| SystemTime::now().duration_since(arrived).ok());
+    let arrived = waited.map_or(read, |waited| read.checked_sub(waited).unwrap_or(read));
+    Ok((message.bytes, arrived, read))
 }
 
 /// Reads a member's socket until it would block, handing each text frame to `listen`.
 /// `false` when the socket ended or carried something else than server frames.
 fn read<L: Listen>(member: &mut Member<L::Seen>, scratch: &mut Scratch, listen: &L) -> bool {
     loop {
-        let (read, arrived) = match receive(&member.stream, scratch) {
-            Ok((0, _)) => return false,
-            Ok(read) => read,
+        let (bytes, arrived, read) = match receive(&member.stream, scratch) {
+            Ok((0, ..)) => return false,
+            Ok(received) => received,
             Err(nix::Error::EAGAIN) => return true,
             Err(nix::Error::EINTR) => continue,
             Err(_) => return false,
         };
-        if !take(member, &scratch.data[..read], arrived, listen) {
+        if !take(member, &scratch.data[..bytes], arrived, read, listen) {
             return false;
         }
     }
 }
 
-/// Takes the frames that `read` completes (after what was left of the last read), and
+/// Takes the frames that `bytes` completes (after what was left of the last read), and
 /// keeps the start of an unfinished one. `false` when the stream is done or broken.
 fn take<L: Listen>(
     member: &mut Member<L::Seen>,
-    read: &[u8],
-    arrived: Option<SystemTime>,
+    bytes: &[u8],
+    arrived: Instant,
+    read: Instant,
     listen: &L,
 ) -> bool {
     let mut data = std::mem::take(&mut member.partial);
-    let bytes = if data.is_empty() {
-        read
-    } else {
-        data.extend_from_slice(read);
+    let joined = !data.is_empty();
+    let bytes = if joined {
+        data.extend_from_slice(bytes);
         &data[..]
+    } else {
+        bytes
     };
     let mut pong = None;
     let Some(used) = frames(bytes, |opcode, payload| match opcode {
         OpCode::Data(Data::Text) => match std::str::from_utf8(payload) {
             Ok(text) => {
-                listen.frame(text, arrived, &mut member.seen);
+                listen.frame(text, arrived, read, &mut member.seen);
                 true
             }
             Err(_) => false,
@@ -319,7 +330,13 @@ fn take<L: Listen>(
     {
         return false;
     }
-    member.partial = bytes[used..].to_vec();
+    // The start of an unfinished frame is kept, in the buffer it was joined in if any.
+    member.partial = if joined {
+        data.drain(..used);
+        data
+    } else {
+        bytes[used..].to_vec()
+    };
     true
 }
 
@@ -448,7 +465,7 @@ mod tests {
 
     impl Listen for Texts {
         type Seen = ();
-        fn frame(&self, text: &str, _: Option<SystemTime>, (): &mut ()) {
+        fn frame(&self, text: &str, _: Instant, _: Instant, (): &mut ()) {
             self.0.lock().unwrap().push(text.to_owned());
         }
     }
@@ -463,20 +480,21 @@ mod tests {
             seen: (),
         };
         let texts = Texts::default();
+        let now = Instant::now();
         // What the handshake read past its answer: `welcome`, and the start of the next.
         let mut ahead = server_frame(br#"{"type":"welcome"}"#, 1);
         let next = server_frame(br#"{"type":"message"}"#, 1);
         ahead.extend_from_slice(&next[..5]);
-        assert!(take(&mut member, &ahead, None, &texts));
+        assert!(take(&mut member, &ahead, now, now, &texts));
         assert_eq!(member.partial, &next[..5]);
-        assert!(take(&mut member, &next[5..], None, &texts));
+        assert!(take(&mut member, &next[5..], now, now, &texts));
         assert!(member.partial.is_empty());
         assert_eq!(
             *texts.0.lock().unwrap(),
             [r#"{"type":"welcome"}"#, r#"{"type":"message"}"#]
         );
         // A close ends the member.
-        assert!(!take(&mut member, &server_frame(b"", 8), None, &texts));
+        assert!(!take(&mut member, &server_frame(b"", 8), now, now, &texts));
     }
 
     #[test]
